@@ -1,0 +1,85 @@
+// Plain parameter structs shared by the host-side API (which knows torch) and the kernels (which do
+// not). Pointers are untyped, strides are in elements, and every tensor is laid out
+// (batch, seqlen, heads, head_dim) with a contiguous last dimension unless a comment says otherwise.
+#pragma once
+
+#include <cstdint>
+
+namespace ring_attn {
+
+// Which keys a query may see. Key j is visible to query i iff
+//     key_offset_min <= j - i <= key_offset_max   (and 0 <= j < seqlen_k).
+// Full attention, bottom-right causal, sliding windows and the ring's per-step masks (including
+// "causal excluding the diagonal") are all one band. The host clamps both ends into
+// [-seqlen_q - 1, seqlen_k + 1] so kernel index arithmetic cannot overflow int32, and sets
+// `is_masked` to false when the band covers every (i, j) pair so the kernel skips mask code.
+struct MaskBand {
+    int key_offset_min;
+    int key_offset_max;
+    bool is_masked;
+};
+
+struct FwdParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    int64_t q_batch_stride, q_row_stride, q_head_stride;
+    int64_t k_batch_stride, k_row_stride, k_head_stride;
+    int64_t v_batch_stride, v_row_stride, v_head_stride;
+
+    // Output. When merge_into_accum is false: `out` has the input dtype and `lse` receives this
+    // call's log-sum-exp; rows with no visible key get out = 0 and lse = -inf.
+    // When merge_into_accum is true: `out` is a caller-owned fp32 running output and `lse` the
+    // running log-sum-exp; the kernel merges this call's (o, l) into them in its epilogue
+    // (L' = logaddexp(L, l); O' = exp(L - L') O + exp(l - L') o), treating -inf as "no
+    // contribution". Rows with no visible key leave the running state untouched.
+    void* out;
+    int64_t o_batch_stride, o_row_stride, o_head_stride;
+    float* lse;  // (batch, heads, seqlen_q); the seqlen dimension is contiguous
+    int64_t lse_batch_stride, lse_head_stride;
+    bool merge_into_accum;
+
+    int batch, seqlen_q, seqlen_k, heads, heads_kv;
+    int head_dim;  // must equal the launcher's compiled head dim
+    float softmax_scale;        // usually head_dim^-0.5
+    float softmax_scale_log2;   // softmax_scale * log2(e), for exp2-based softmax
+    MaskBand mask;
+};
+
+struct BwdParams {
+    const void* q;
+    const void* k;
+    const void* v;
+    const void* out;   // the (global, in a ring) attention output, input dtype
+    const void* dout;  // gradient of out, input dtype
+    int64_t q_batch_stride, q_row_stride, q_head_stride;
+    int64_t k_batch_stride, k_row_stride, k_head_stride;
+    int64_t v_batch_stride, v_row_stride, v_head_stride;
+    int64_t o_batch_stride, o_row_stride, o_head_stride;
+    int64_t do_batch_stride, do_row_stride, do_head_stride;
+
+    // (batch, heads, seqlen_q) fp32, seqlen contiguous: the (global) log-sum-exp of the forward and
+    // delta = rowsum(dout * out), computed once per backward by the preprocess kernel.
+    const float* lse;
+    float* delta;
+    int64_t lse_batch_stride, lse_head_stride;
+    int64_t delta_batch_stride, delta_head_stride;
+
+    // Caller-owned fp32 accumulators; the kernel ADDS into them and never clears them.
+    // dq_accum: (batch, seqlen_q, heads, head_dim); dk_accum, dv_accum: (batch, seqlen_k, heads_kv,
+    // head_dim). Several query heads share a kv head under GQA, so dk/dv adds must be atomic then.
+    float* dq_accum;
+    float* dk_accum;
+    float* dv_accum;
+    int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+    int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+    int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+
+    int batch, seqlen_q, seqlen_k, heads, heads_kv;
+    int head_dim;
+    float softmax_scale;
+    float softmax_scale_log2;
+    MaskBand mask;
+};
+
+}  // namespace ring_attn

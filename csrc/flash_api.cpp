@@ -1,0 +1,281 @@
+#include "flash_api.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "flash/flash_bwd_preprocess.h"
+#include "flash/flash_params.h"
+#include "flash/kernel_registry.h"
+
+namespace ring_attn {
+namespace {
+
+// The kernels move 16 bytes per thread, so rows must start on 16-byte boundaries.
+constexpr int64_t kAlignmentBytes = 16;
+
+DType to_dtype(const at::Tensor& t, const char* name) {
+    if (t.scalar_type() == at::kHalf) return DType::kFloat16;
+    if (t.scalar_type() == at::kBFloat16) return DType::kBFloat16;
+    TORCH_CHECK_TYPE(false, name, " must be float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_cuda_4d(const at::Tensor& t, const char* name, const at::Tensor& like_device) {
+    TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor");
+    TORCH_CHECK_VALUE(t.device() == like_device.device(), name, " must be on ", like_device.device(), ", got ",
+                      t.device());
+    TORCH_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (batch, seqlen, heads, head_dim), got shape ",
+                      t.sizes());
+    TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
+                      t.stride(-1));
+    const int64_t element_bytes = t.element_size();
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlignmentBytes == 0, name,
+                      " must start at a 16-byte aligned address");
+    for (int dim = 0; dim < 3; ++dim) {
+        TORCH_CHECK_VALUE((t.stride(dim) * element_bytes) % kAlignmentBytes == 0 || t.size(dim) == 1, name,
+                          " stride ", t.stride(dim), " of dimension ", dim, " is not a multiple of 16 bytes");
+    }
+}
+
+void check_fp32(const at::Tensor& t, const char* name, const at::Tensor& like_device) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like_device.device(), name, " must be on ",
+                      like_device.device());
+    TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dimension");
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+    TORCH_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+struct Dims {
+    int batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim;
+};
+
+Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    check_cuda_4d(q, "q", q);
+    check_cuda_4d(k, "k", q);
+    check_cuda_4d(v, "v", q);
+    TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                     "q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                     v.scalar_type());
+    Dims d{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
+           static_cast<int>(q.size(2)), static_cast<int>(k.size(2)), static_cast<int>(q.size(3))};
+    TORCH_CHECK_VALUE(d.batch > 0, "batch size must be positive, got ", d.batch);
+    TORCH_CHECK_VALUE(d.heads_kv > 0 && d.heads % d.heads_kv == 0, "the number of heads in k and v (", d.heads_kv,
+                      ") must divide the number of heads in q (", d.heads, ")");
+    check_shape(k, "k", {d.batch, d.seqlen_k, d.heads_kv, d.head_dim});
+    check_shape(v, "v", {d.batch, d.seqlen_k, d.heads_kv, d.head_dim});
+    return d;
+}
+
+KernelKey kernel_key(const at::Tensor& q, const Dims& d, bool is_masked) {
+    return KernelKey{d.head_dim, to_dtype(q, "q"), is_masked};
+}
+
+std::string head_dims_text() {
+    std::string text;
+    for (int dim : compiled_head_dims()) text += (text.empty() ? "" : ", ") + std::to_string(dim);
+    return text.empty() ? "none" : text;
+}
+
+MaskBand make_mask_band(const Dims& d, std::optional<int64_t> lo, std::optional<int64_t> hi) {
+    // j - i ranges over [-(seqlen_q - 1), seqlen_k - 1]; values past either end change nothing, so
+    // clamping keeps kernel arithmetic in int32 without changing which keys are visible.
+    const int64_t lo_limit = -static_cast<int64_t>(d.seqlen_q);
+    const int64_t hi_limit = static_cast<int64_t>(d.seqlen_k);
+    const int64_t lo_value = std::clamp<int64_t>(lo.value_or(lo_limit), lo_limit, hi_limit);
+    const int64_t hi_value = std::clamp<int64_t>(hi.value_or(hi_limit), lo_limit, hi_limit);
+    MaskBand band;
+    band.key_offset_min = static_cast<int>(lo_value);
+    band.key_offset_max = static_cast<int>(hi_value);
+    band.is_masked = !(lo_value <= -(d.seqlen_q - 1) && hi_value >= d.seqlen_k - 1);
+    return band;
+}
+
+template <typename Params>
+void fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Dims& d,
+                 double softmax_scale, const MaskBand& band) {
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+    p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+    p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+    p.batch = d.batch, p.seqlen_q = d.seqlen_q, p.seqlen_k = d.seqlen_k;
+    p.heads = d.heads, p.heads_kv = d.heads_kv, p.head_dim = d.head_dim;
+    p.softmax_scale = static_cast<float>(softmax_scale);
+    p.softmax_scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+    p.mask = band;
+}
+
+FwdLauncher fwd_launcher_for(const at::Tensor& q, const Dims& d, const MaskBand& band) {
+    FwdLauncher launcher = find_fwd_launcher(kernel_key(q, d, band.is_masked));
+    TORCH_CHECK_VALUE(launcher != nullptr, "head_dim ", d.head_dim, " with dtype ", q.scalar_type(),
+                      " is not supported by this build; compiled head dims: ", head_dims_text());
+    return launcher;
+}
+
+BwdLauncher bwd_launcher_for(const at::Tensor& q, const Dims& d, const MaskBand& band) {
+    BwdLauncher launcher = find_bwd_launcher(kernel_key(q, d, band.is_masked));
+    TORCH_CHECK_VALUE(launcher != nullptr, "backward for head_dim ", d.head_dim, " with dtype ", q.scalar_type(),
+                      " is not supported by this build; compiled head dims: ", head_dims_text());
+    return launcher;
+}
+
+void check_scale(double softmax_scale) {
+    TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be a positive finite "
+                      "number, got ", softmax_scale);
+}
+
+FwdParams make_fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Dims& d,
+                          double softmax_scale, const MaskBand& band, at::Tensor& out, at::Tensor& lse,
+                          bool merge) {
+    FwdParams p{};
+    fill_common(p, q, k, v, d, softmax_scale, band);
+    p.out = out.data_ptr();
+    p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+    p.lse = lse.data_ptr<float>();
+    p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
+    p.merge_into_accum = merge;
+    return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             double softmax_scale, std::optional<int64_t> key_offset_min,
+                                             std::optional<int64_t> key_offset_max) {
+    const Dims d = check_qkv(q, k, v);
+    check_scale(softmax_scale);
+    const MaskBand band = make_mask_band(d, key_offset_min, key_offset_max);
+    FwdLauncher launcher = fwd_launcher_for(q, d, band);
+    c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor lse = at::empty({d.batch, d.heads, d.seqlen_q}, q.options().dtype(at::kFloat));
+    if (d.seqlen_q == 0) return {out, lse};
+    if (d.seqlen_k == 0) {
+        out.zero_();
+        lse.fill_(-std::numeric_limits<float>::infinity());
+        return {out, lse};
+    }
+    FwdParams p = make_fwd_params(q, k, v, d, softmax_scale, band, out, lse, /*merge=*/false);
+    launcher(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {out, lse};
+}
+
+void flash_fwd_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out_accum,
+                     at::Tensor& lse_accum, double softmax_scale, std::optional<int64_t> key_offset_min,
+                     std::optional<int64_t> key_offset_max) {
+    const Dims d = check_qkv(q, k, v);
+    check_scale(softmax_scale);
+    check_fp32(out_accum, "out_accum", q);
+    check_fp32(lse_accum, "lse_accum", q);
+    check_shape(out_accum, "out_accum", {d.batch, d.seqlen_q, d.heads, d.head_dim});
+    check_shape(lse_accum, "lse_accum", {d.batch, d.heads, d.seqlen_q});
+    const MaskBand band = make_mask_band(d, key_offset_min, key_offset_max);
+    FwdLauncher launcher = fwd_launcher_for(q, d, band);
+    if (d.seqlen_q == 0 || d.seqlen_k == 0) return;  // nothing to merge
+    c10::cuda::CUDAGuard guard(q.device());
+    FwdParams p = make_fwd_params(q, k, v, d, softmax_scale, band, out_accum, lse_accum, /*merge=*/true);
+    launcher(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
+    check_cuda_4d(out, "out", out);
+    check_cuda_4d(dout, "dout", out);
+    check_shape(dout, "dout", out.sizes());
+    TORCH_CHECK_TYPE(dout.scalar_type() == out.scalar_type(), "dout must have the dtype of out (",
+                     out.scalar_type(), "), got ", dout.scalar_type());
+    const DType dtype = to_dtype(out, "out");
+    c10::cuda::CUDAGuard guard(out.device());
+    at::Tensor delta = at::empty({out.size(0), out.size(2), out.size(1)}, out.options().dtype(at::kFloat));
+    if (out.size(1) == 0) return delta;
+    BwdParams p{};
+    p.out = out.data_ptr();
+    p.dout = dout.data_ptr();
+    p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+    p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+    p.delta = delta.data_ptr<float>();
+    p.delta_batch_stride = delta.stride(0), p.delta_head_stride = delta.stride(1);
+    p.batch = out.size(0), p.seqlen_q = out.size(1), p.heads = out.size(2), p.head_dim = out.size(3);
+    launch_bwd_delta(p, dtype, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return delta;
+}
+
+void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_accum,
+                          at::Tensor& dk_accum, at::Tensor& dv_accum, double softmax_scale,
+                          std::optional<int64_t> key_offset_min, std::optional<int64_t> key_offset_max) {
+    const Dims d = check_qkv(q, k, v);
+    check_scale(softmax_scale);
+    check_cuda_4d(dout, "dout", q);
+    check_shape(dout, "dout", q.sizes());
+    TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
+    check_fp32(lse, "lse", q);
+    check_fp32(delta, "delta", q);
+    check_shape(lse, "lse", {d.batch, d.heads, d.seqlen_q});
+    check_shape(delta, "delta", {d.batch, d.heads, d.seqlen_q});
+    check_fp32(dq_accum, "dq_accum", q);
+    check_fp32(dk_accum, "dk_accum", q);
+    check_fp32(dv_accum, "dv_accum", q);
+    check_shape(dq_accum, "dq_accum", q.sizes());
+    check_shape(dk_accum, "dk_accum", k.sizes());
+    check_shape(dv_accum, "dv_accum", v.sizes());
+    const MaskBand band = make_mask_band(d, key_offset_min, key_offset_max);
+    BwdLauncher launcher = bwd_launcher_for(q, d, band);
+    if (d.seqlen_q == 0 || d.seqlen_k == 0) return;
+    c10::cuda::CUDAGuard guard(q.device());
+    BwdParams p{};
+    fill_common(p, q, k, v, d, softmax_scale, band);
+    p.dout = dout.data_ptr();
+    p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+    p.lse = lse.data_ptr<float>();
+    p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
+    p.delta = const_cast<float*>(delta.data_ptr<float>());
+    p.delta_batch_stride = delta.stride(0), p.delta_head_stride = delta.stride(1);
+    p.dq_accum = dq_accum.data_ptr<float>();
+    p.dk_accum = dk_accum.data_ptr<float>();
+    p.dv_accum = dv_accum.data_ptr<float>();
+    p.dq_batch_stride = dq_accum.stride(0), p.dq_row_stride = dq_accum.stride(1);
+    p.dq_head_stride = dq_accum.stride(2);
+    p.dk_batch_stride = dk_accum.stride(0), p.dk_row_stride = dk_accum.stride(1);
+    p.dk_head_stride = dk_accum.stride(2);
+    p.dv_batch_stride = dv_accum.stride(0), p.dv_row_stride = dv_accum.stride(1);
+    p.dv_head_stride = dv_accum.stride(2);
+    launcher(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                         const at::Tensor& k, const at::Tensor& v,
+                                                         const at::Tensor& out, const at::Tensor& lse,
+                                                         double softmax_scale,
+                                                         std::optional<int64_t> key_offset_min,
+                                                         std::optional<int64_t> key_offset_max) {
+    check_shape(out, "out", q.sizes());
+    c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor delta = flash_bwd_delta(dout, out);
+    auto fp32 = q.options().dtype(at::kFloat);
+    at::Tensor dq_accum = at::zeros(q.sizes(), fp32);
+    at::Tensor dk_accum = at::zeros(k.sizes(), fp32);
+    at::Tensor dv_accum = at::zeros(v.sizes(), fp32);
+    flash_bwd_accumulate(dout, q, k, v, lse, delta, dq_accum, dk_accum, dv_accum, softmax_scale, key_offset_min,
+                         key_offset_max);
+    return {dq_accum.to(q.scalar_type()), dk_accum.to(k.scalar_type()), dv_accum.to(v.scalar_type())};
+}
+
+std::vector<int64_t> supported_head_dims() {
+    std::vector<int64_t> dims;
+    for (int dim : compiled_head_dims()) dims.push_back(dim);
+    return dims;
+}
+
+}  // namespace ring_attn

@@ -1,0 +1,51 @@
+// Torch-facing entry points of the single-GPU kernels: argument checks, allocation, parameter
+// structs and dispatch to the compiled instantiation. The ring scheduler calls these too, on
+// whatever stream is current.
+//
+// Masks are bands of key offsets: key j is visible to query i iff
+// key_offset_min <= j - i <= key_offset_max; std::nullopt means unbounded on that side.
+// Causal with bottom-right alignment is (nullopt, seqlen_k - seqlen_q).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+namespace ring_attn {
+
+// out (input dtype, (b, s_q, h, d)) and lse (fp32, (b, h, s_q)); rows with no visible key get
+// out = 0 and lse = -inf.
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             double softmax_scale, std::optional<int64_t> key_offset_min,
+                                             std::optional<int64_t> key_offset_max);
+
+// Merges this block's attention into a running fp32 state in place: out_accum (b, s_q, h, d) fp32
+// and lse_accum (b, h, s_q) fp32, both possibly strided views (last dimension contiguous). A row
+// whose running lse is -inf holds no contribution yet.
+void flash_fwd_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out_accum,
+                     at::Tensor& lse_accum, double softmax_scale, std::optional<int64_t> key_offset_min,
+                     std::optional<int64_t> key_offset_max);
+
+// delta = rowsum(dout * out) in fp32, (b, h, s_q): the same for every block of a ring backward.
+at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out);
+
+// Adds this block's gradients into caller-owned fp32 accumulators: dq_accum (b, s_q, h, d),
+// dk_accum and dv_accum (b, s_k, h_kv, d). lse and delta are the (global) (b, h, s_q) fp32 tensors.
+void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_accum,
+                          at::Tensor& dk_accum, at::Tensor& dv_accum, double softmax_scale,
+                          std::optional<int64_t> key_offset_min, std::optional<int64_t> key_offset_max);
+
+// Plain backward: (dq, dk, dv) in the input dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                         const at::Tensor& k, const at::Tensor& v,
+                                                         const at::Tensor& out, const at::Tensor& lse,
+                                                         double softmax_scale,
+                                                         std::optional<int64_t> key_offset_min,
+                                                         std::optional<int64_t> key_offset_max);
+
+// Head dims this build compiled (RING_ATTN_HEAD_DIMS at build time).
+std::vector<int64_t> supported_head_dims();
+
+}  // namespace ring_attn

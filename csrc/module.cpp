@@ -1,0 +1,26 @@
+// The Python module ring_attn_ext._C: thin bindings, tensors in and tensors out. Argument rules
+// are enforced in flash_api.cpp (and again, with friendlier messages, in the Python layer).
+#include <torch/extension.h>
+
+#include "flash_api.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.doc() = "ring_attn_ext CUDA kernels";
+    namespace py = pybind11;
+    using namespace ring_attn;
+    m.def("fwd", &flash_fwd, "Attention forward: returns (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("softmax_scale"), py::arg("key_offset_min"), py::arg("key_offset_max"));
+    m.def("fwd_merge", &flash_fwd_merge, "Attention forward merged into a running fp32 (out, lse), in place",
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out_accum"), py::arg("lse_accum"),
+          py::arg("softmax_scale"), py::arg("key_offset_min"), py::arg("key_offset_max"));
+    m.def("bwd_delta", &flash_bwd_delta, "rowsum(dout * out) in fp32, (b, h, s_q)", py::arg("dout"),
+          py::arg("out"));
+    m.def("bwd_accumulate", &flash_bwd_accumulate, "Attention backward added into fp32 accumulators",
+          py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lse"), py::arg("delta"),
+          py::arg("dq_accum"), py::arg("dk_accum"), py::arg("dv_accum"), py::arg("softmax_scale"),
+          py::arg("key_offset_min"), py::arg("key_offset_max"));
+    m.def("bwd", &flash_bwd, "Attention backward: returns (dq, dk, dv)", py::arg("dout"), py::arg("q"),
+          py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("softmax_scale"),
+          py::arg("key_offset_min"), py::arg("key_offset_max"));
+    m.def("supported_head_dims", &supported_head_dims, "Head dims compiled into this build");
+}
