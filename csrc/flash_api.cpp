@@ -1,6 +1,7 @@
 #include "flash_api.h"
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
@@ -164,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
         return {out, lse};
     }
     FwdParams p = make_fwd_params(q, k, v, d, softmax_scale, band, out, lse, /*merge=*/false);
-    launcher(p, at::cuda::getCurrentCUDAStream());
+    launcher(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {out, lse};
 }
@@ -183,7 +184,7 @@ void flash_fwd_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     if (d.seqlen_q == 0 || d.seqlen_k == 0) return;  // nothing to merge
     c10::cuda::CUDAGuard guard(q.device());
     FwdParams p = make_fwd_params(q, k, v, d, softmax_scale, band, out_accum, lse_accum, /*merge=*/true);
-    launcher(p, at::cuda::getCurrentCUDAStream());
+    launcher(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -205,7 +206,7 @@ at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
     p.delta = delta.data_ptr<float>();
     p.delta_batch_stride = delta.stride(0), p.delta_head_stride = delta.stride(1);
     p.batch = out.size(0), p.seqlen_q = out.size(1), p.heads = out.size(2), p.head_dim = out.size(3);
-    launch_bwd_delta(p, dtype, at::cuda::getCurrentCUDAStream());
+    launch_bwd_delta(p, dtype, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return delta;
 }
@@ -250,7 +251,7 @@ void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at:
     p.dk_head_stride = dk_accum.stride(2);
     p.dv_batch_stride = dv_accum.stride(0), p.dv_row_stride = dv_accum.stride(1);
     p.dv_head_stride = dv_accum.stride(2);
-    launcher(p, at::cuda::getCurrentCUDAStream());
+    launcher(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
