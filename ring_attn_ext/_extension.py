@@ -1,8 +1,12 @@
 """Loads the compiled extension ring_attn_ext._C when this install has one, and keeps the reason
 when it does not, so GPU entry points can say why they are unavailable."""
 
+import importlib
+
 try:
-    from . import _C  # noqa: F401
+    # import_module, unlike `from . import _C`, keeps the real cause ("No module named
+    # 'ring_attn_ext._C'") instead of a misleading "partially initialized module" message.
+    _C = importlib.import_module("._C", __package__)
     EXTENSION_ERROR = None
 except ImportError as error:  # pure-Python install: no nvcc, CPU-only torch, or RING_ATTN_SKIP_CUDA_BUILD=1
     _C = None

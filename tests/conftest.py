@@ -1,0 +1,148 @@
+"""Shared test helpers: the import path, GPU skip markers, an independent naive attention oracle and
+FlashAttention's error rule. Test modules import what they need with `from conftest import ...`."""
+import contextlib
+import functools
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from ring_attn_ext._extension import EXTENSION_ERROR, _C, has_extension  # noqa: E402
+
+
+def _cuda_extension_skip_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if not has_extension():
+        return f"needs the compiled extension ring_attn_ext._C ({EXTENSION_ERROR})"
+    return None
+
+
+CUDA_EXTENSION_SKIP_REASON = _cuda_extension_skip_reason()
+
+
+def requires_cuda_extension(test):
+    """Marks a test (function or class) as a GPU test that skips, with the reason, without a CUDA
+    GPU or without the compiled extension."""
+    test = pytest.mark.gpu(test)
+    return pytest.mark.skipif(CUDA_EXTENSION_SKIP_REASON is not None,
+                              reason=CUDA_EXTENSION_SKIP_REASON or "")(test)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernel_built(head_dim, dtype, backward):
+    """Whether this build holds the kernels for (head_dim, dtype): RING_ATTN_HEAD_DIMS,
+    RING_ATTN_DTYPES and RING_ATTN_DISABLE_BACKWARD select them at build time, and only the head
+    dims are listed by _C.supported_head_dims(), so probe the rest with a tiny call."""
+    if head_dim not in _C.supported_head_dims():
+        return False
+    q = torch.zeros(1, 1, 1, head_dim, device="cuda", dtype=dtype)
+    try:
+        out, lse = _C.fwd(q, q, q, 1.0, None, None)
+        if backward:
+            _C.bwd(out, q, q, q, out, lse, 1.0, None, None)
+    except ValueError as error:
+        if "not supported by this build" in str(error):
+            return False
+        raise
+    return True
+
+
+def skip_unless_built(head_dim, dtype, backward=False):
+    if not cuda_kernel_built(head_dim, dtype, backward):
+        pytest.skip(f"this build has no {'backward' if backward else 'forward'} kernel for head_dim {head_dim} "
+                    f"and {dtype} (see RING_ATTN_HEAD_DIMS / RING_ATTN_DTYPES / RING_ATTN_DISABLE_BACKWARD)")
+
+
+def poison_cuda_allocator():
+    """Fills memory the caching allocator holds free with NaN, so an output element a kernel
+    forgets to write shows up as NaN instead of as a plausible stale value."""
+    sizes = [256 << 20] + [1 << 19] * 16  # one large-pool block to split, and small-pool blocks
+    buffers = [torch.full((size // 4,), float("nan"), device="cuda") for size in sizes]
+    del buffers
+    torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def fake_cuda_mode():
+    """Tensors created inside report a CUDA device without any GPU or memory behind them, so the
+    CUDA-only argument rules are testable on CPU-only machines. Only metadata can be read."""
+    fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor",
+                                      reason="needs torch's FakeTensorMode to fake CUDA tensors")
+    with fake_tensor.FakeTensorMode():
+        yield
+
+
+def visible(i, j, seqlen_q, seqlen_k, causal, window_size):
+    """FlashAttention-2's mask, written out per (query, key) pair: query i sits at key position
+    i + seqlen_k - seqlen_q (bottom-right alignment)."""
+    diagonal = i + seqlen_k - seqlen_q
+    left, right = window_size
+    if causal and j > diagonal:
+        return False
+    if left >= 0 and j < diagonal - left:
+        return False
+    if right >= 0 and j > diagonal + right:
+        return False
+    return True
+
+
+def naive_attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
+    """Independent float64 oracle: one explicit softmax per (batch, head, query row). Returns
+    (out float64 (b, s_q, h, d), lse float64 (b, h, s_q)); a row with no visible key gives out 0
+    and lse -inf. Meant for small shapes only."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    q, k, v = (t.detach().double().cpu() for t in (q, k, v))
+    out = torch.zeros(batch, seqlen_q, heads, head_dim, dtype=torch.float64)
+    lse = torch.full((batch, heads, seqlen_q), float("-inf"), dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            kv_head = h // (heads // heads_kv)
+            for i in range(seqlen_q):
+                keys = [j for j in range(seqlen_k) if visible(i, j, seqlen_q, seqlen_k, causal, window_size)]
+                if not keys:
+                    continue
+                scores = torch.stack([q[b, i, h] @ k[b, j, kv_head] for j in keys]) * scale
+                peak = scores.max()
+                weights = torch.exp(scores - peak)
+                total = weights.sum()
+                lse[b, h, i] = peak + torch.log(total)
+                out[b, i, h] = sum(w * v[b, j, kv_head] for w, j in zip(weights, keys)) / total
+    return out, lse
+
+
+def max_error(actual, reference):
+    return (actual.double() - reference.double()).abs().max().item()
+
+
+def assert_flash_rule(actual, reference, same_dtype, factor, name):
+    """FlashAttention's test rule: the error of `actual` against a high-precision `reference` is at
+    most `factor` times the error of a same-dtype PyTorch computation (`same_dtype`), plus twice
+    the error of merely rounding the reference to actual's dtype."""
+    assert actual.shape == reference.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    error = max_error(actual, reference)
+    baseline = max_error(same_dtype, reference)
+    rounding = max_error(reference.to(actual.dtype), reference)
+    bound = factor * baseline + 2 * rounding + 1e-6
+    assert error <= bound, f"{name}: max error {error:.3g} > {factor} x same-dtype error {baseline:.3g} + eps"
+
+
+def assert_lse_equal(actual, reference, atol, name="lse"):
+    """lse with -inf rows: the -inf pattern must match exactly, finite values within atol."""
+    assert actual.dtype == torch.float32, f"{name}: dtype {actual.dtype}, want float32"
+    assert actual.shape == reference.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    empty = torch.isneginf(reference)
+    assert torch.equal(torch.isneginf(actual), empty), f"{name}: -inf rows differ"
+    assert not torch.isnan(actual).any() and not torch.isposinf(actual).any(), f"{name}: NaN or +inf"
+    if (~empty).any():
+        error = max_error(actual[~empty], reference[~empty])
+        assert error <= atol, f"{name}: max error {error:.3g} > {atol}"
