@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "flash_api.h"
+#include "ring/ring_bindings.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "ring_attn_ext CUDA kernels";
@@ -23,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("softmax_scale"),
           py::arg("key_offset_min"), py::arg("key_offset_max"));
     m.def("supported_head_dims", &supported_head_dims, "Head dims compiled into this build");
+    register_ring_bindings(m);
 }

@@ -1,0 +1,277 @@
+#include "ring/ring_api.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+
+#include "flash/kernel_registry.h"
+#include "ring/cuda_event.h"
+#include "ring/ring_backward.h"
+#include "ring/ring_driver.h"
+#include "ring/ring_forward.h"
+
+namespace ring_attn {
+namespace {
+
+// The kernels read rows with 16-byte vector loads (flash_api.cpp checks the same per call; the
+// ring checks up front, before any rank starts to transfer).
+constexpr int64_t kAlignmentBytes = 16;
+
+// "q" for this rank's argument, "q_shards[2]" for a loopback ring's virtual rank 2.
+std::string shard_name(const char* name, std::optional<size_t> index) {
+    return index ? std::string(name) + "_shards[" + std::to_string(*index) + "]" : std::string(name);
+}
+
+// A (b, s, heads, d) operand of the kernels, on `like`'s device with `like`'s dtype.
+void check_operand(const at::Tensor& t, const std::string& name, const at::Tensor& like) {
+    TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
+    TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+    TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
+                     " must be float16 or bfloat16, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(), ", got ",
+                     t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (batch, seqlen, heads, head_dim), got shape ",
+                      t.sizes());
+    TORCH_CHECK_VALUE(t.stride(3) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
+                      t.stride(3));
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlignmentBytes == 0, name,
+                      " must start at a 16-byte aligned address");
+    for (int dim = 0; dim < 3; ++dim) {
+        TORCH_CHECK_VALUE(t.size(dim) == 1 || (t.stride(dim) * t.element_size()) % kAlignmentBytes == 0, name,
+                          " stride ", t.stride(dim), " of dimension ", dim, " is not a multiple of 16 bytes");
+    }
+}
+
+void check_shape(const at::Tensor& t, const std::string& name, at::IntArrayRef expected) {
+    TORCH_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+// q (b, s_q, h, d), k and v (b, s_k, h_kv, d) with h % h_kv == 0.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::optional<size_t> index) {
+    const std::string q_name = shard_name("q", index), k_name = shard_name("k", index), v_name = shard_name("v", index);
+    check_operand(q, q_name, q);
+    check_operand(k, k_name, q);
+    check_operand(v, v_name, q);
+    TORCH_CHECK_VALUE(q.size(0) > 0 && q.size(2) > 0, q_name, " must have a positive batch size and head count, got ",
+                      "shape ", q.sizes());
+    TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "the number of heads of ", k_name, " and ", v_name,
+                      " (", k.size(2), ") must divide the number of heads of ", q_name, " (", q.size(2), ")");
+    check_shape(k, k_name, {q.size(0), k.size(1), k.size(2), q.size(3)});
+    check_shape(v, v_name, k.sizes());
+}
+
+void check_backward_operands(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out,
+                             const at::Tensor& lse, std::optional<size_t> index) {
+    const std::string dout_name = shard_name("dout", index), out_name = shard_name("out", index);
+    const std::string lse_name = shard_name("lse", index);
+    check_operand(dout, dout_name, q);
+    check_operand(out, out_name, q);
+    check_shape(dout, dout_name, q.sizes());
+    check_shape(out, out_name, q.sizes());
+    TORCH_CHECK_VALUE(lse.defined(), lse_name, " must be a tensor, got None");
+    TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, lse_name, " must be float32, got ", lse.scalar_type());
+    TORCH_CHECK_VALUE(lse.device() == q.device(), lse_name, " must be on ", q.device(), ", got ", lse.device());
+    check_shape(lse, lse_name, {q.size(0), q.size(2), q.size(1)});
+    TORCH_CHECK_VALUE(lse.stride(2) == 1, lse_name, " must have a contiguous last dimension (stride 1)");
+}
+
+void check_scale(double softmax_scale) {
+    TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0,
+                      "softmax_scale must be a positive finite number, got ", softmax_scale);
+}
+
+// Both mask variants of (head_dim, dtype) must be compiled; a missing one would otherwise only
+// surface at the first step that needs it, in the middle of the ring.
+void check_kernels(const at::Tensor& q, bool backward) {
+    const int head_dim = static_cast<int>(q.size(3));
+    const DType dtype = q.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+    for (bool masked : {false, true}) {
+        const KernelKey key{head_dim, dtype, masked};
+        const bool found = backward ? find_bwd_launcher(key) != nullptr : find_fwd_launcher(key) != nullptr;
+        TORCH_CHECK_VALUE(found, backward ? "backward " : "forward ", "kernels for head_dim ", head_dim,
+                          " with dtype ", q.scalar_type(), " are not compiled into this build (see ",
+                          "RING_ATTN_HEAD_DIMS, RING_ATTN_DTYPES and RING_ATTN_DISABLE_BACKWARD)");
+    }
+}
+
+RingPlan checked_plan(const PlanLists& plan, const RingCommunicator* comm, const at::Tensor& q,
+                      const at::Tensor& k) {
+    TORCH_CHECK_VALUE(comm != nullptr || plan.size() <= 1, "a plan of ", plan.size(),
+                      " steps is a ring of as many ranks and needs comm (a RingCommunicator)");
+    if (comm != nullptr) {
+        TORCH_CHECK_VALUE(comm->device() == q.device().index(), "comm is bound to cuda:", comm->device(),
+                          " but the tensors are on ", q.device());
+    }
+    return make_ring_plan(plan, comm != nullptr ? comm->world_size() : 1, q.size(1), k.size(1), "plan");
+}
+
+// Loopback: the lists have one entry per virtual rank and every rank's shards have rank 0's shapes
+// (the transfers between virtual ranks need equal block sizes, as NCCL ranks would).
+void check_loopback_lists(std::initializer_list<std::pair<const char*, size_t>> sizes, size_t plans) {
+    const size_t world_size = sizes.begin()->second;
+    TORCH_CHECK_VALUE(world_size >= 1, sizes.begin()->first, " must hold at least one shard");
+    for (const auto& [name, size] : sizes) {
+        TORCH_CHECK_VALUE(size == world_size, name, " must hold one entry per virtual rank (", world_size, "), got ",
+                          size);
+    }
+    TORCH_CHECK_VALUE(plans == world_size, "plans must hold one plan per virtual rank (", world_size, "), got ",
+                      plans);
+}
+
+void check_same_shape_as_rank0(const std::vector<at::Tensor>& shards, const char* name) {
+    for (size_t rank = 1; rank < shards.size(); ++rank) {
+        check_shape(shards[rank], shard_name(name, rank), shards[0].sizes());
+    }
+}
+
+// Streams of a loopback ring's virtual ranks; their compute streams start after the caller's work.
+struct VirtualRanks {
+    c10::cuda::CUDAStream caller;
+    std::vector<c10::cuda::CUDAStream> compute, comm;
+};
+
+VirtualRanks start_virtual_ranks(size_t world_size, c10::DeviceIndex device) {
+    VirtualRanks ranks{at::cuda::getCurrentCUDAStream(device), {}, {}};
+    CudaEvent inputs_ready;
+    inputs_ready.record(ranks.caller);
+    for (size_t rank = 0; rank < world_size; ++rank) {
+        ranks.compute.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device));
+        ranks.comm.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device));
+        inputs_ready.block(ranks.compute.back());
+    }
+    return ranks;
+}
+
+// Orders results made on a virtual rank's stream on the caller's stream, and tells the caching
+// allocator that the caller's stream uses them.
+void hand_over(std::initializer_list<at::Tensor> results, c10::cuda::CUDAStream from, c10::cuda::CUDAStream to) {
+    CudaEvent done;
+    done.record(from);
+    done.block(to);
+    for (const at::Tensor& t : results) t.record_stream(to);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ring_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const PlanLists& plan, const RingCommunicator* comm,
+                                            double softmax_scale) {
+    check_qkv(q, k, v, std::nullopt);
+    check_scale(softmax_scale);
+    check_kernels(q, /*backward=*/false);
+    const RingPlan ring_plan = checked_plan(plan, comm, q, k);
+    c10::cuda::CUDAGuard guard(q.device());
+    const c10::cuda::CUDAStream compute = at::cuda::getCurrentCUDAStream();
+    RingForward machine(q, k, v, ring_plan, softmax_scale, compute, comm != nullptr ? comm->stream() : compute);
+    run_nccl_ring(machine, comm);
+    return machine.finish();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& out, const at::Tensor& lse,
+                                                        const PlanLists& plan, const RingCommunicator* comm,
+                                                        double softmax_scale) {
+    check_qkv(q, k, v, std::nullopt);
+    check_backward_operands(dout, q, out, lse, std::nullopt);
+    check_scale(softmax_scale);
+    check_kernels(q, /*backward=*/true);
+    const RingPlan ring_plan = checked_plan(plan, comm, q, k);
+    c10::cuda::CUDAGuard guard(q.device());
+    const c10::cuda::CUDAStream compute = at::cuda::getCurrentCUDAStream();
+    RingBackward machine(dout, q, k, v, out, lse, ring_plan, softmax_scale, compute,
+                         comm != nullptr ? comm->stream() : compute);
+    run_nccl_ring(machine, comm);
+    return machine.finish();
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> ring_fwd_loopback(
+    const std::vector<at::Tensor>& q_shards, const std::vector<at::Tensor>& k_shards,
+    const std::vector<at::Tensor>& v_shards, const std::vector<PlanLists>& plans, double softmax_scale) {
+    check_loopback_lists({{"q_shards", q_shards.size()}, {"k_shards", k_shards.size()}, {"v_shards", v_shards.size()}},
+                         plans.size());
+    const size_t world_size = q_shards.size();
+    std::vector<RingPlan> ring_plans;
+    for (size_t rank = 0; rank < world_size; ++rank) {
+        check_qkv(q_shards[rank], k_shards[rank], v_shards[rank], rank);
+        check_operand(q_shards[rank], shard_name("q", rank), q_shards[0]);
+        const std::string plan_name = "plans[" + std::to_string(rank) + "]";
+        ring_plans.push_back(make_ring_plan(plans[rank], static_cast<int64_t>(world_size), q_shards[rank].size(1),
+                                            k_shards[rank].size(1), plan_name.c_str()));
+    }
+    check_same_shape_as_rank0(q_shards, "q");
+    check_same_shape_as_rank0(k_shards, "k");
+    check_scale(softmax_scale);
+    check_kernels(q_shards[0], /*backward=*/false);
+
+    c10::cuda::CUDAGuard guard(q_shards[0].device());
+    const VirtualRanks ranks = start_virtual_ranks(world_size, q_shards[0].device().index());
+    std::vector<std::unique_ptr<RingForward>> machines;
+    for (size_t rank = 0; rank < world_size; ++rank) {
+        machines.push_back(std::make_unique<RingForward>(q_shards[rank], k_shards[rank], v_shards[rank],
+                                                         ring_plans[rank], softmax_scale, ranks.compute[rank],
+                                                         ranks.comm[rank]));
+    }
+    LoopbackTransport transport(ranks.comm);
+    run_loopback_ring(machines, transport);
+    std::vector<at::Tensor> outs, lses;
+    for (size_t rank = 0; rank < world_size; ++rank) {
+        auto [out, lse] = machines[rank]->finish();
+        hand_over({out, lse}, ranks.compute[rank], ranks.caller);
+        outs.push_back(out);
+        lses.push_back(lse);
+    }
+    return {outs, lses};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> ring_bwd_loopback(
+    const std::vector<at::Tensor>& dout_shards, const std::vector<at::Tensor>& q_shards,
+    const std::vector<at::Tensor>& k_shards, const std::vector<at::Tensor>& v_shards,
+    const std::vector<at::Tensor>& out_shards, const std::vector<at::Tensor>& lse_shards,
+    const std::vector<PlanLists>& plans, double softmax_scale) {
+    check_loopback_lists({{"q_shards", q_shards.size()}, {"dout_shards", dout_shards.size()},
+                          {"k_shards", k_shards.size()}, {"v_shards", v_shards.size()},
+                          {"out_shards", out_shards.size()}, {"lse_shards", lse_shards.size()}},
+                         plans.size());
+    const size_t world_size = q_shards.size();
+    std::vector<RingPlan> ring_plans;
+    for (size_t rank = 0; rank < world_size; ++rank) {
+        check_qkv(q_shards[rank], k_shards[rank], v_shards[rank], rank);
+        check_operand(q_shards[rank], shard_name("q", rank), q_shards[0]);
+        check_backward_operands(dout_shards[rank], q_shards[rank], out_shards[rank], lse_shards[rank], rank);
+        const std::string plan_name = "plans[" + std::to_string(rank) + "]";
+        ring_plans.push_back(make_ring_plan(plans[rank], static_cast<int64_t>(world_size), q_shards[rank].size(1),
+                                            k_shards[rank].size(1), plan_name.c_str()));
+    }
+    check_same_shape_as_rank0(q_shards, "q");
+    check_same_shape_as_rank0(k_shards, "k");
+    check_scale(softmax_scale);
+    check_kernels(q_shards[0], /*backward=*/true);
+
+    c10::cuda::CUDAGuard guard(q_shards[0].device());
+    const VirtualRanks ranks = start_virtual_ranks(world_size, q_shards[0].device().index());
+    std::vector<std::unique_ptr<RingBackward>> machines;
+    for (size_t rank = 0; rank < world_size; ++rank) {
+        machines.push_back(std::make_unique<RingBackward>(dout_shards[rank], q_shards[rank], k_shards[rank],
+                                                          v_shards[rank], out_shards[rank], lse_shards[rank],
+                                                          ring_plans[rank], softmax_scale, ranks.compute[rank],
+                                                          ranks.comm[rank]));
+    }
+    LoopbackTransport transport(ranks.comm);
+    run_loopback_ring(machines, transport);
+    std::vector<at::Tensor> dqs, dks, dvs;
+    for (size_t rank = 0; rank < world_size; ++rank) {
+        auto [dq, dk, dv] = machines[rank]->finish();
+        hand_over({dq, dk, dv}, ranks.compute[rank], ranks.caller);
+        dqs.push_back(dq);
+        dks.push_back(dk);
+        dvs.push_back(dv);
+    }
+    return {dqs, dks, dvs};
+}
+
+}  // namespace ring_attn

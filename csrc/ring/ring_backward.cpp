@@ -1,0 +1,125 @@
+#include "ring/ring_backward.h"
+
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+#include "flash_api.h"
+
+namespace ring_attn {
+
+RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& out, const at::Tensor& lse, const RingPlan& plan, double softmax_scale,
+                           c10::cuda::CUDAStream compute_stream, c10::cuda::CUDAStream comm_stream)
+    : world_size_(static_cast<int>(plan.size())),
+      softmax_scale_(softmax_scale),
+      dtype_(q.scalar_type()),
+      compute_stream_(compute_stream),
+      comm_stream_(comm_stream) {
+    c10::cuda::CUDAStreamGuard guard(compute_stream_);
+    const int64_t batch = q.size(0), seqlen_q = q.size(1), heads = q.size(2), head_dim = q.size(3);
+    const int64_t seqlen_k = k.size(1), heads_kv = k.size(2);
+    const auto fp32 = q.options().dtype(at::kFloat);
+    delta_ = flash_bwd_delta(dout, out);
+    dq_accum_ = at::zeros({batch, seqlen_q, heads, head_dim}, fp32);
+
+    const bool travels = world_size_ > 1;
+    const at::Tensor local_k = travels ? k.contiguous() : k;
+    const at::Tensor local_v = travels ? v.contiguous() : v;
+    const int64_t kv_slots = std::min<int64_t>(2, world_size_ - 1);
+    if (kv_slots > 0) received_ = at::empty({kv_slots, 2, batch, seqlen_k, heads_kv, head_dim}, k.options());
+    // acc_[0] holds acc(0), which step 0 starts from zero; acc_[1] only ever receives.
+    const at::Tensor dkv = at::empty({travels ? 2 : 1, 2, batch, seqlen_k, heads_kv, head_dim}, fp32);
+    acc_[0] = dkv[0].zero_();
+    at::Tensor partials;  // (2 slots, 2 = dk/dv, b, s_k, h_kv, d); step p >= 1 uses slot p % 2
+    if (travels) {
+        acc_[1] = dkv[1];
+        partials = at::empty({2, 2, batch, seqlen_k, heads_kv, head_dim}, fp32);
+    }
+    auto held = [&](int step, int which) -> at::Tensor {
+        if (step == 0) return which == 0 ? local_k : local_v;
+        return received_[(step - 1) % 2][which];
+    };
+
+    exchanges_.resize(world_size_ + 1);
+    for (int phase = 0; travels && phase <= world_size_; ++phase) {
+        Exchange& exchange = exchanges_[phase];
+        if (phase + 1 < world_size_) {
+            exchange.sends = {held(phase, 0), held(phase, 1)};
+            exchange.recvs = {held(phase + 1, 0), held(phase + 1, 1)};
+        }
+        if (phase >= 1) {
+            exchange.sends.push_back(acc_[(phase - 1) % 2]);
+            exchange.recvs.push_back(acc_[phase % 2]);
+        }
+    }
+    calls_.resize(world_size_);
+    step_grads_.resize(world_size_);
+    for (int step = 0; step < world_size_; ++step) {
+        const at::Tensor grads = step == 0 ? acc_[0] : partials[step % 2];
+        int64_t first_row = seqlen_k, end_row = 0;
+        for (const PlanPiece& piece : plan[step]) {
+            if (piece.q_len == 0 || piece.k_len == 0) continue;
+            auto rows_q = [&](const at::Tensor& t) { return t.narrow(1, piece.q_start, piece.q_len); };
+            auto rows_k = [&](const at::Tensor& t) { return t.narrow(1, piece.k_start, piece.k_len); };
+            calls_[step].push_back(GradCall{rows_q(dout), rows_q(q), rows_k(held(step, 0)), rows_k(held(step, 1)),
+                                            lse.narrow(2, piece.q_start, piece.q_len),
+                                            delta_.narrow(2, piece.q_start, piece.q_len), rows_q(dq_accum_),
+                                            rows_k(grads[0]), rows_k(grads[1]), piece.key_offset_min,
+                                            piece.key_offset_max});
+            first_row = std::min(first_row, piece.k_start);
+            end_row = std::max(end_row, piece.k_start + piece.k_len);
+        }
+        if (step >= 1 && !calls_[step].empty()) {
+            // (2 = dk/dv, b, rows, h_kv, d) views: the rows are dimension 2.
+            step_grads_[step] = StepGrads{grads.narrow(2, first_row, end_row - first_row),
+                                          acc_[step % 2].narrow(2, first_row, end_row - first_row)};
+        }
+    }
+    if (travels) {
+        // The comm stream starts after everything the caller enqueued and the set-up above.
+        inputs_ready_.record(compute_stream_);
+        inputs_ready_.block(comm_stream_);
+    }
+}
+
+const Exchange& RingBackward::exchange(int phase) {
+    if (phase >= 1 && !exchanges_[phase].empty()) {
+        // Step p - 1 is done: its partial is complete, and its K/V buffer may be overwritten.
+        computed_events_[(phase - 1) % 2].block(comm_stream_);
+        const StepGrads& previous = step_grads_[phase - 1];
+        if (previous.partial.defined()) {
+            // acc(p - 1) arrived earlier on this stream; complete it before it travels on.
+            c10::cuda::CUDAStreamGuard guard(comm_stream_);
+            previous.acc.add_(previous.partial);
+        }
+    }
+    return exchanges_[phase];
+}
+
+void RingBackward::compute(int phase) {
+    c10::cuda::CUDAStreamGuard guard(compute_stream_);
+    if (!exchanges_[phase].empty()) transferred_events_[phase % 2].record(comm_stream_);
+    if (phase == world_size_) return;  // the last phase only brings this rank's dK/dV home
+    // held(p) arrived in phase p - 1, which also follows the add that last read this partial buffer.
+    if (phase >= 1) transferred_events_[(phase - 1) % 2].block(compute_stream_);
+    if (step_grads_[phase].partial.defined()) step_grads_[phase].partial.zero_();
+    for (GradCall& call : calls_[phase]) {
+        flash_bwd_accumulate(call.dout, call.q, call.k, call.v, call.lse, call.delta, call.dq_accum, call.dk_accum,
+                             call.dv_accum, softmax_scale_, call.key_offset_min, call.key_offset_max);
+    }
+    computed_events_[phase % 2].record(compute_stream_);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> RingBackward::finish() {
+    c10::cuda::CUDAStreamGuard guard(compute_stream_);
+    at::Tensor dq = dq_accum_.to(dtype_);  // before the wait: overlaps the last hop of dK/dV
+    int home_slot = 0;
+    if (world_size_ > 1) {
+        home_slot = world_size_ % 2;
+        transferred_events_[home_slot].block(compute_stream_);
+    }
+    return {dq, acc_[home_slot][0].to(dtype_), acc_[home_slot][1].to(dtype_)};
+}
+
+}  // namespace ring_attn

@@ -1,0 +1,84 @@
+// The backward ring of one rank, as a step machine with the driver protocol of ring_forward.h
+// (exchange(p), transport, compute(p) for p in [0, num_phases())).
+//
+// K/V travel the ring again, N - 1 hops. dK/dV of each block accumulate in fp32 buffers that
+// travel with it, N hops, so each comes home to its owner after the last step. A block's dK/dV
+// cannot arrive before the previous rank has finished its step on that block, so step p >= 1
+// computes its own dK/dV into a zeroed fp32 `partial` while the block's accumulated dK/dV, acc(p),
+// is in flight, and the comm stream adds partial into acc(p) right before sending it on (step 0
+// starts the block's accumulator itself). Each phase p >= 1 is one NCCL group, issued once step
+// p - 1 is done:
+//   acc(p - 1) += partial(p - 1)          (on the comm stream; acc(p - 1) arrived in phase p - 1)
+//   send acc(p - 1) -> next rank          (the block of step p - 1, complete up to this rank)
+//   recv acc(p) <- previous rank          (the block of step p; at p = N this rank's own dK/dV)
+//   send held(p), recv held(p + 1)        (K/V, while p + 1 < N)
+// so the K/V of step p + 1 and the dK/dV of step p move, and step p - 1's add runs, while step p's
+// kernels run; only the last hop home (phase N) has no kernel left to hide behind. Phase 0 sends
+// the local block.
+//   comm stream:    [wait computed[p-1]] add, exchange p  -> transferred[p]
+//   compute stream: [wait transferred[p-1]] zero partial, bwd kernels of step p  -> computed[p]
+// Two partial buffers alternate, so step p's kernels never wait for step p - 1's add; the zero of
+// a partial buffer follows the add that read it through transferred[p-1]. Adds and zeros cover
+// only the key rows the step's pieces touch. delta = rowsum(dout * out) is computed once, dq
+// accumulates locally in fp32, and the casts to the input dtype happen once, in finish().
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "ring/cuda_event.h"
+#include "ring/ring_plan.h"
+#include "ring/ring_transport.h"
+
+namespace ring_attn {
+
+class RingBackward {
+  public:
+    // dout, q, out (b, s_q, h, d), k and v (b, s_k, h_kv, d), lse fp32 (b, h, s_q): this rank's
+    // shards of the global forward, already validated (ring_api.cpp); plan: one step per rank.
+    // Construct with q's device current. Allocates on compute_stream.
+    RingBackward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& out, const at::Tensor& lse, const RingPlan& plan, double softmax_scale,
+                 c10::cuda::CUDAStream compute_stream, c10::cuda::CUDAStream comm_stream);
+
+    int num_phases() const { return world_size_ + 1; }
+    c10::cuda::CUDAStream comm_stream() const { return comm_stream_; }
+    // Enqueues the comm stream's waits and step p - 1's add for phase p; returns what phase p transfers.
+    const Exchange& exchange(int phase);
+    // Call after the transport has enqueued exchange(phase): enqueues step `phase`'s kernels.
+    void compute(int phase);
+    // (dq, dk, dv) in the input dtype, ordered on the compute stream.
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> finish();
+
+  private:
+    struct GradCall {
+        at::Tensor dout, q, k, v, lse, delta, dq_accum, dk_accum, dv_accum;
+        std::optional<int64_t> key_offset_min, key_offset_max;
+    };
+    // The key rows a step >= 1 touches: its partial buffer and its block's accumulator, narrowed
+    // to them (undefined for step 0 and for steps without kernels).
+    struct StepGrads {
+        at::Tensor partial, acc;
+    };
+
+    int world_size_;
+    double softmax_scale_;
+    at::ScalarType dtype_;
+    c10::cuda::CUDAStream compute_stream_, comm_stream_;
+    at::Tensor delta_, dq_accum_;
+    at::Tensor received_;            // K/V receive buffers (slots, 2, b, s_k, h_kv, d); held(p) is slot (p - 1) % 2
+    std::array<at::Tensor, 2> acc_;  // fp32 (2 = dk/dv, b, s_k, h_kv, d); acc(p) is acc_[p % 2]
+    std::vector<Exchange> exchanges_;           // per phase
+    std::vector<std::vector<GradCall>> calls_;  // per step
+    std::vector<StepGrads> step_grads_;         // per step
+    CudaEvent inputs_ready_;
+    std::array<CudaEvent, 2> transferred_events_;  // by phase parity
+    std::array<CudaEvent, 2> computed_events_;     // by phase parity
+};
+
+}  // namespace ring_attn

@@ -1,0 +1,336 @@
+"""The C++ ring scheduler (csrc/ring/) on CUDA, against full attention on the unsharded tensors.
+
+(a) Loopback: a whole ring of 1, 2, 3, 4 or 8 virtual ranks on one GPU, through the same step
+    machines the NCCL ring runs (ring_attn_ext._ring_cuda.ring_*_loopback), for every layout,
+    causal or not, MHA and GQA, windows and odd shapes, forward and backward.
+(b) NCCL: one process per GPU (two GPUs or more), through ring_attn_ext.forward/backward,
+    every layout; each rank's forward must also equal the loopback ring's bit for bit.
+
+Accuracy: FlashAttention's rule against an fp32 reference (2x the same-dtype PyTorch error for
+out, 3x for gradients), and, since every partial of the ring stays fp32, the ring's error may be at
+most 1.5x the error of the single-GPU kernels on the unsharded tensors. GPU tests skip, with the
+reason, without a CUDA GPU or the compiled extension.
+"""
+import os
+import tempfile
+import time
+import typing
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import (assert_flash_rule, assert_lse_equal, cuda_kernel_built, max_error,
+                      poison_cuda_allocator, requires_cuda_extension)
+import ring_attn_ext
+from ring_attn_ext import _ring_cuda
+from ring_attn_ext.masks import band_for
+from ring_attn_ext.reference import attention_reference
+from ring_attn_ext.ring_plan import build_plan
+from ring_attn_ext.sharding import LAYOUTS, shard, unshard
+
+# NVLink multicast stays off in every process these tests start (it can take a shared host's GPUs
+# out of service).
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+FLASH_ERROR_FACTOR = 1.5  # ring error / single-GPU kernel error, both against the fp32 reference
+PREFERRED_KERNELS = [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16), (64, torch.float16),
+                     (96, torch.bfloat16), (32, torch.bfloat16), (256, torch.bfloat16)]
+
+Case = typing.NamedTuple("Case", [
+    ("world_size", int), ("layout", str), ("causal", bool), ("window_size", typing.Tuple[int, int]),
+    ("batch", int), ("seqlen_local", int), ("heads", int), ("heads_kv", int), ("softmax_scale", typing.Optional[float])])
+
+
+def make_case(world_size, layout, causal, window_size=(-1, -1), batch=2, seqlen_local=None, heads=4, heads_kv=4,
+              softmax_scale=None):
+    if seqlen_local is None:
+        seqlen_local = 38 if layout == "zigzag" else 37  # odd where the layout allows it
+    return Case(world_size, layout, causal, window_size, batch, seqlen_local, heads, heads_kv, softmax_scale)
+
+
+def kernel_config():
+    """(head_dim, dtype) of a forward and backward kernel pair this build has; skips if none."""
+    for head_dim, dtype in PREFERRED_KERNELS:
+        if cuda_kernel_built(head_dim, dtype, backward=True):
+            return head_dim, dtype
+    pytest.skip("this build has forward and backward kernels for none of " + str(PREFERRED_KERNELS))
+
+
+def global_tensors(case, head_dim, dtype, device, seed):
+    """q, k, v, dout of the whole sequence; drawn on the CPU, so every process draws the same."""
+    generator = torch.Generator().manual_seed(seed)
+    seqlen = case.seqlen_local * case.world_size
+
+    def draw(heads):
+        return torch.randn(case.batch, seqlen, heads, head_dim, generator=generator).to(device, dtype)
+
+    return draw(case.heads), draw(case.heads_kv), draw(case.heads_kv), draw(case.heads)
+
+
+class FullAttention(typing.NamedTuple):
+    """Full attention on the unsharded tensors: fp32 reference (out, lse, grads), same-dtype
+    PyTorch (out_pt, grads_pt) and the single-GPU kernels (out_flash, lse_flash, grads_flash)."""
+    out: torch.Tensor
+    lse: torch.Tensor
+    grads: tuple
+    out_pt: torch.Tensor
+    grads_pt: tuple
+    out_flash: torch.Tensor
+    lse_flash: torch.Tensor
+    grads_flash: tuple
+
+
+def attention_with_grads(q, k, v, dout, scale, band, upcast):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention_reference(*leaves, scale, *band, upcast=upcast)
+    out.backward(dout)
+    return out.detach(), lse, tuple(t.grad for t in leaves)
+
+
+def full_attention(q, k, v, dout, case, scale):
+    from ring_attn_ext._extension import _C
+    seqlen = q.shape[1]
+    band = band_for(seqlen, seqlen, case.causal, case.window_size)
+    out, lse, grads = attention_with_grads(*(t.float() for t in (q, k, v, dout)), scale, band, upcast=True)
+    out_pt, _, grads_pt = attention_with_grads(q, k, v, dout, scale, band, upcast=False)
+    out_flash, lse_flash = _C.fwd(q, k, v, scale, *band)
+    grads_flash = _C.bwd(dout, q, k, v, out_flash, lse_flash, scale, *band)
+    return FullAttention(out, lse, grads, out_pt, grads_pt, out_flash, lse_flash, tuple(grads_flash))
+
+
+def assert_no_worse_than_flash(actual, flash, reference, name):
+    """The ring keeps every partial in fp32, so it may not be markedly less accurate than the
+    single-GPU kernels; a quarter of the dtype's rounding of the reference absorbs ties."""
+    error = max_error(actual, reference)
+    flash_error = max_error(flash, reference)
+    rounding = max_error(reference.to(actual.dtype), reference)
+    bound = FLASH_ERROR_FACTOR * flash_error + rounding / 4 + 1e-6
+    assert error <= bound, (f"{name}: ring error {error:.3g} > {FLASH_ERROR_FACTOR} x single-GPU kernel error "
+                            f"{flash_error:.3g} (+ {rounding / 4 + 1e-6:.2g})")
+
+
+def assert_matches_full_attention(full, out, lse, grads, dtype, select=lambda t, dim=1: t):
+    """Checks a ring's out, lse, (dq, dk, dv) against `full`; `select` maps a full-sequence
+    tensor to the part the ring result covers (a rank's shard, or everything)."""
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_flash_rule(out, select(full.out), select(full.out_pt), 2, "out")
+    assert_no_worse_than_flash(out, select(full.out_flash), select(full.out), "out")
+    assert_lse_equal(lse, select(full.lse, 2), atol=2e-4)
+    lse_error, flash_lse_error = max_error(lse, select(full.lse, 2)), max_error(select(full.lse_flash, 2),
+                                                                                 select(full.lse, 2))
+    assert lse_error <= 2 * flash_lse_error + 1e-5, f"lse: ring error {lse_error:.3g} vs kernel {flash_lse_error:.3g}"
+    for name, grad, grad_ref, grad_pt, grad_flash in zip(("dq", "dk", "dv"), grads, full.grads, full.grads_pt,
+                                                         full.grads_flash):
+        assert grad.dtype == dtype, f"{name}: dtype {grad.dtype}"
+        assert_flash_rule(grad, select(grad_ref), select(grad_pt), 3, name)
+        assert_no_worse_than_flash(grad, select(grad_flash), select(grad_ref), name)
+
+
+def loopback_ring(q, k, v, dout, case, scale):
+    """Shards the global tensors, runs the loopback ring forward and backward, returns the
+    per-rank results as lists: outs, lses, dqs, dks, dvs."""
+    n = case.world_size
+    shards = [[shard(t, case.layout, rank, n) for rank in range(n)] for t in (q, k, v, dout)]
+    plans = [build_plan(case.layout, rank, n, case.seqlen_local, case.causal, case.window_size) for rank in range(n)]
+    poison_cuda_allocator()
+    outs, lses = _ring_cuda.ring_forward_loopback(*shards[:3], plans, scale)
+    dqs, dks, dvs = _ring_cuda.ring_backward_loopback(shards[3], *shards[:3], outs, lses, plans, scale)
+    return outs, lses, dqs, dks, dvs
+
+
+def check_loopback_case(case, seed=0):
+    head_dim, dtype = kernel_config()
+    scale = case.softmax_scale if case.softmax_scale is not None else head_dim ** -0.5
+    q, k, v, dout = global_tensors(case, head_dim, dtype, "cuda", seed)
+    full = full_attention(q, k, v, dout, case, scale)
+    outs, lses, dqs, dks, dvs = loopback_ring(q, k, v, dout, case, scale)
+    n, layout = case.world_size, case.layout
+    out, lse = unshard(outs, layout, n), unshard(lses, layout, n, dim=2)
+    grads = tuple(unshard(g, layout, n) for g in (dqs, dks, dvs))
+    assert_matches_full_attention(full, out, lse, grads, dtype)
+
+
+@requires_cuda_extension
+@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_loopback_ring_matches_full_attention(world_size, layout, causal, heads, heads_kv):
+    check_loopback_case(make_case(world_size, layout, causal, heads=heads, heads_kv=heads_kv))
+
+
+@requires_cuda_extension
+@pytest.mark.parametrize("case", [
+    make_case(4, "ring", True, batch=1, seqlen_local=1, heads=4, heads_kv=1),
+    make_case(4, "stripe", True, batch=2, seqlen_local=1),
+    make_case(4, "zigzag", True, batch=1, seqlen_local=2, heads=8, heads_kv=1),
+    make_case(3, "ring", True, seqlen_local=127, heads=8, heads_kv=8),
+    make_case(3, "zigzag", False, batch=1, seqlen_local=128, heads=8, heads_kv=1),
+    make_case(8, "stripe", True, batch=1, seqlen_local=17, heads=8, heads_kv=1),
+    make_case(2, "ring", True, batch=1, seqlen_local=1000, heads=4, heads_kv=1, softmax_scale=0.3),
+    make_case(2, "zigzag", True, batch=1, seqlen_local=2048, heads=4, heads_kv=4),
+    make_case(2, "stripe", True, batch=1, seqlen_local=4097, heads=2, heads_kv=1),
+], ids=lambda case: f"n{case.world_size}-{case.layout}-causal{int(case.causal)}-b{case.batch}-s{case.seqlen_local}-"
+                    f"h{case.heads}-{case.heads_kv}")
+def test_loopback_ring_odd_shapes(case):
+    check_loopback_case(case)
+
+
+@requires_cuda_extension
+@pytest.mark.parametrize("causal,window_size", [(True, (50, 0)), (False, (20, 30)), (False, (0, 0))])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_loopback_ring_sliding_windows(layout, causal, window_size):
+    check_loopback_case(make_case(4, layout, causal, window_size, seqlen_local=64, heads=8, heads_kv=2))
+
+
+@requires_cuda_extension
+def test_loopback_ring_forward_is_deterministic():
+    """A race between the streams (a block read before it arrived, or overwritten while read)
+    shows up as results that change from run to run."""
+    case = make_case(8, "zigzag", True, seqlen_local=256, heads=8, heads_kv=2)
+    head_dim, dtype = kernel_config()
+    q, k, v, dout = global_tensors(case, head_dim, dtype, "cuda", seed=1)
+    runs = [loopback_ring(q, k, v, dout, case, head_dim ** -0.5)[:2] for _ in range(3)]
+    for outs, lses in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs, runs[0][0])), "out differs between runs"
+        assert all(torch.equal(a, b) for a, b in zip(lses, runs[0][1])), "lse differs between runs"
+
+
+@requires_cuda_extension
+def test_loopback_ring_reads_strided_kv():
+    """k and v as views into a packed (b, s, 2, h_kv, d) tensor: the ring sends contiguous copies
+    and must give the forward of contiguous inputs exactly, and the same gradients up to order."""
+    case = make_case(3, "zigzag", True, heads=8, heads_kv=2)
+    head_dim, dtype = kernel_config()
+    q, k, v, dout = global_tensors(case, head_dim, dtype, "cuda", seed=2)
+    n, scale = case.world_size, head_dim ** -0.5
+    plans = [build_plan(case.layout, rank, n, case.seqlen_local, True) for rank in range(n)]
+    qs, ks, vs, douts = ([shard(t, case.layout, rank, n) for rank in range(n)] for t in (q, k, v, dout))
+    packed = [torch.stack((k_r, v_r), dim=2) for k_r, v_r in zip(ks, vs)]
+    ks_view, vs_view = [kv[:, :, 0] for kv in packed], [kv[:, :, 1] for kv in packed]
+    assert not ks_view[0].is_contiguous()
+    outs, lses = _ring_cuda.ring_forward_loopback(qs, ks, vs, plans, scale)
+    outs_view, lses_view = _ring_cuda.ring_forward_loopback(qs, ks_view, vs_view, plans, scale)
+    assert all(torch.equal(a, b) for a, b in zip(outs_view, outs))
+    assert all(torch.equal(a, b) for a, b in zip(lses_view, lses))
+    grads = _ring_cuda.ring_backward_loopback(douts, qs, ks, vs, outs, lses, plans, scale)
+    grads_view = _ring_cuda.ring_backward_loopback(douts, qs, ks_view, vs_view, outs, lses, plans, scale)
+    for name, per_rank, per_rank_view in zip(("dq", "dk", "dv"), grads, grads_view):
+        for rank, (grad, grad_view) in enumerate(zip(per_rank, per_rank_view)):
+            torch.testing.assert_close(grad_view, grad, msg=f"{name} of rank {rank}")
+
+
+@requires_cuda_extension
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_world_of_one_through_the_nccl_driver(layout):
+    """ring_forward_cuda/ring_backward_cuda with a one-step plan: no communicator, no group."""
+    case = make_case(1, layout, True, heads=8, heads_kv=2, seqlen_local=300)
+    head_dim, dtype = kernel_config()
+    scale = head_dim ** -0.5
+    q, k, v, dout = global_tensors(case, head_dim, dtype, "cuda", seed=3)
+    full = full_attention(q, k, v, dout, case, scale)
+    plan = build_plan(layout, 0, 1, case.seqlen_local, True)
+    poison_cuda_allocator()
+    out, lse = _ring_cuda.ring_forward_cuda(q, k, v, plan, None, scale)
+    grads = _ring_cuda.ring_backward_cuda(dout, q, k, v, out, lse, plan, None, scale)
+    assert_matches_full_attention(full, out, lse, grads, dtype)
+
+
+@requires_cuda_extension
+def test_bad_arguments_raise_before_anything_runs():
+    from ring_attn_ext._extension import _C
+    head_dim, dtype = kernel_config()
+    n, seqlen_local = 2, 8
+    plans = [build_plan("ring", rank, n, seqlen_local, True) for rank in range(n)]
+    lists = [_ring_cuda._plan_lists(plan) for plan in plans]
+
+    def shards(heads=4, seqlen=seqlen_local, dtype=dtype):
+        return [torch.randn(1, seqlen, heads, head_dim, device="cuda", dtype=dtype) for _ in range(n)]
+
+    q = shards()
+    kv = [q[0], shards(seqlen=9)[1]]  # the blocks of a ring must all have one size
+    with pytest.raises(ValueError, match=r"k_shards\[1\] must have shape"):
+        _C.ring_fwd_loopback(q, kv, kv, lists, 1.0)
+    with pytest.raises(ValueError, match=r"plans\[0\] must have one step per rank \(2\), got 1"):
+        _C.ring_fwd_loopback(q, q, q, [lists[0][:1], lists[1]], 1.0)
+    with pytest.raises(ValueError, match=r"plans\[1\]\[0\]\[0\]: query rows \[0, 9\) must lie inside"):
+        _C.ring_fwd_loopback(q, q, q, [lists[0], [[(0, 9, 0, 8, None, 0)], []]], 1.0)
+    with pytest.raises(TypeError, match=r"q_shards\[0\] must be float16 or bfloat16"):
+        _C.ring_fwd_loopback(shards(dtype=torch.float32), q, q, lists, 1.0)
+    with pytest.raises(ValueError, match=r"k_shards\[0\] and v_shards\[0\] \(3\) must divide"):
+        _C.ring_fwd_loopback(q, shards(heads=3), shards(heads=3), lists, 1.0)
+    with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
+        _C.ring_fwd_loopback(q, q, q, lists, float("nan"))
+    with pytest.raises(ValueError, match=r"lse_shards\[0\] must have shape"):
+        _C.ring_bwd_loopback(q, q, q, q, q, [torch.zeros(1, 4, 9, device="cuda")] * n, lists, 1.0)
+    with pytest.raises(ValueError, match="a plan of 2 steps is a ring of as many ranks and needs comm"):
+        _C.ring_fwd(q[0], q[0], q[0], lists[0], None, 1.0)
+    misaligned = torch.randn(1 * seqlen_local * 4 * head_dim + 1, device="cuda", dtype=dtype)[1:]
+    with pytest.raises(ValueError, match="q must start at a 16-byte aligned address"):
+        _C.ring_fwd(misaligned.view(1, seqlen_local, 4, head_dim), q[0], q[0], [[]], None, 1.0)
+
+
+# (b) NCCL: one process per GPU.
+
+def _nccl_ring_worker(rank, world_size, init_file, head_dim, dtype):
+    os.environ.update(MULTICAST_OFF)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method="file://" + init_file, rank=rank, world_size=world_size)
+    try:
+        seed = 10
+        for layout in LAYOUTS:
+            for causal in (False, True):
+                seed += 1
+                _check_nccl_case(rank, make_case(world_size, layout, causal, seqlen_local=130, heads=8, heads_kv=2),
+                                 head_dim, dtype, seed)
+    finally:
+        _ring_cuda.destroy_communicators()  # spawned processes end without running atexit handlers
+        dist.destroy_process_group()
+
+
+def _check_nccl_case(rank, case, head_dim, dtype, seed):
+    device = torch.device("cuda", rank)
+    scale = head_dim ** -0.5
+    q, k, v, dout = global_tensors(case, head_dim, dtype, device, seed)
+    full = full_attention(q, k, v, dout, case, scale)
+    n = case.world_size
+    q_s, k_s, v_s, dout_s = (shard(t, case.layout, rank, n) for t in (q, k, v, dout))
+    options = dict(causal=case.causal, softmax_scale=scale, layout=case.layout, window_size=case.window_size)
+    poison_cuda_allocator()
+    out, lse = ring_attn_ext.forward(q_s, k_s, v_s, **options)
+    grads = ring_attn_ext.backward(dout_s, q_s, k_s, v_s, out, lse, **options)
+
+    def select(t, dim=1):
+        return shard(t, case.layout, rank, n, dim=dim)
+
+    what = f"rank {rank}, {case.layout}, causal={case.causal}"
+    try:
+        assert_matches_full_attention(full, out, lse, grads, dtype, select)
+    except AssertionError as error:
+        raise AssertionError(f"{what}: {error}") from error
+    outs, lses, *_ = loopback_ring(q, k, v, dout, case, scale)
+    assert torch.equal(out, outs[rank]) and torch.equal(lse, lses[rank]), \
+        f"{what}: the NCCL ring's forward differs from the loopback ring's"
+
+
+@requires_cuda_extension
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs (one process per GPU)")
+def test_nccl_ring_on_two_gpus_matches_full_attention(monkeypatch):
+    head_dim, dtype = kernel_config()
+    for name, value in MULTICAST_OFF.items():
+        monkeypatch.setenv(name, value)  # inherited by the spawned processes
+    world_size, deadline_s = 2, 600
+    with tempfile.TemporaryDirectory() as directory:
+        context = mp.spawn(_nccl_ring_worker, args=(world_size, os.path.join(directory, "rendezvous"), head_dim, dtype),
+                           nprocs=world_size, join=False)
+        deadline = time.monotonic() + deadline_s
+        try:
+            while not context.join(timeout=5):  # raises the first failing rank's exception
+                assert time.monotonic() < deadline, f"the NCCL ring did not finish within {deadline_s} s (hang?)"
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join()
