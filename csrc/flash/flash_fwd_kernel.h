@@ -1,0 +1,160 @@
+// The FlashAttention-2-style forward kernel: one CTA per (query block, batch, head); its warps
+// split the query rows, so each warp runs its own online softmax without cross-warp traffic.
+//
+// Per key block n (visited from the last to the first, so the only sequence-tail block comes first):
+//     wait K(n); barrier; start loading V(n)
+//     S = Q K(n)^T                 (ldmatrix + mma.sync, Q and K from swizzled shared memory)
+//     mask S when the block crosses the band edge or the end of the keys
+//     wait V(n); barrier; start loading K(n-1)
+//     online softmax: P = exp2(S*scale_log2 - m*scale_log2), rescale O
+//     O += P V(n)                  (P stays in registers as the A operand)
+// K and V have one shared-memory buffer each: the load of V(n) overlaps Q.K^T and the load of
+// K(n-1) overlaps the softmax and P.V. Masked (band) kernels visit only key blocks that intersect
+// the band, so a causal call does about half the work of a full one.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "flash_params.h"
+#include "fwd_epilogue.h"
+#include "fwd_traits.h"
+#include "mask.h"
+#include "softmax.h"
+#include "utils.h"
+
+namespace ring_attn {
+namespace flash {
+
+using namespace cute;
+
+template <class Traits, bool kIsMasked>
+CUTE_DEVICE void compute_fwd_tile(const FwdParams& p, int m_block, int batch, int head) {
+    using Element = typename Traits::Element;
+    constexpr int kBlockM = Traits::kBlockM;
+    constexpr int kBlockN = Traits::kBlockN;
+    constexpr int kHeadDim = Traits::kHeadDim;
+    const int tid = threadIdx.x;
+    const int row0 = m_block * kBlockM;
+
+    const BlockRange blocks =
+        key_blocks_for_rows<kBlockN, kIsMasked>(row0, min(row0 + kBlockM, p.seqlen_q), p.seqlen_k, p.mask);
+    if (blocks.begin >= blocks.end) {
+        if (!p.merge_into_accum) store_empty_tile<Traits>(p, batch, head, m_block);
+        return;
+    }
+
+    // Global tensors of this (batch, head): (seqlen, head_dim) with a runtime row stride.
+    const int head_kv = head / (p.heads / p.heads_kv);
+    const Element* q_ptr = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
+    const Element* k_ptr = static_cast<const Element*>(p.k) + batch * p.k_batch_stride + head_kv * p.k_head_stride;
+    const Element* v_ptr = static_cast<const Element*>(p.v) + batch * p.v_batch_stride + head_kv * p.v_head_stride;
+    Tensor mQ = make_tensor(make_gmem_ptr(q_ptr), make_shape(p.seqlen_q, Int<kHeadDim>{}),
+                            make_stride(p.q_row_stride, _1{}));
+    Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(p.seqlen_k, Int<kHeadDim>{}),
+                            make_stride(p.k_row_stride, _1{}));
+    Tensor mV = make_tensor(make_gmem_ptr(v_ptr), make_shape(p.seqlen_k, Int<kHeadDim>{}),
+                            make_stride(p.v_row_stride, _1{}));
+    Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (BM, D)
+    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));        // (BN, D, n)
+    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));        // (BN, D, n)
+
+    extern __shared__ __align__(128) char smem_raw[];
+    Element* smem = reinterpret_cast<Element*>(smem_raw);
+    Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});
+    Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
+    Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+    Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});  // (D, BN) view of sV
+
+    // Global -> shared (cp.async, zero fill past the sequence ends).
+    typename Traits::GmemTiledLoad gmem_load;
+    auto gmem_thr_load = gmem_load.get_thread_slice(tid);
+    Tensor tQgQ = gmem_thr_load.partition_S(gQ);
+    Tensor tQsQ = gmem_thr_load.partition_D(sQ);
+    Tensor tKgK = gmem_thr_load.partition_S(gK);  // (CPY, CPY_N, CPY_K, n)
+    Tensor tKsK = gmem_thr_load.partition_D(sK);
+    Tensor tVgV = gmem_thr_load.partition_S(gV);
+    Tensor tVsV = gmem_thr_load.partition_D(sV);
+    Tensor tQcQ = gmem_thr_load.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    Tensor tKVcKV = gmem_thr_load.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+
+    // Tensor-core fragments and the ldmatrix copies that fill them.
+    typename Traits::TiledMma tiled_mma;
+    auto thr_mma = tiled_mma.get_thread_slice(tid);
+    Tensor tSrQ = thr_mma.partition_fragment_A(sQ);    // (MMA, MMA_M, MMA_K)
+    Tensor tSrK = thr_mma.partition_fragment_B(sK);    // (MMA, MMA_N, MMA_K)
+    Tensor tOrVt = thr_mma.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N)
+    Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+    clear(acc_o);
+
+    auto smem_load_q = make_tiled_copy_A(typename Traits::SmemLoadAtom{}, tiled_mma);
+    auto smem_thr_load_q = smem_load_q.get_thread_slice(tid);
+    Tensor tSsQ = smem_thr_load_q.partition_S(sQ);
+    auto smem_load_k = make_tiled_copy_B(typename Traits::SmemLoadAtom{}, tiled_mma);
+    auto smem_thr_load_k = smem_load_k.get_thread_slice(tid);
+    Tensor tSsK = smem_thr_load_k.partition_S(sK);
+    auto smem_load_v = make_tiled_copy_B(typename Traits::SmemLoadAtomTransposed{}, tiled_mma);
+    auto smem_thr_load_v = smem_load_v.get_thread_slice(tid);
+    Tensor tOsVt = smem_thr_load_v.partition_S(sVt);
+
+    // (row, col) of every score this thread holds, for masking.
+    Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+
+    // Prologue: Q and the last key block.
+    int n_block = blocks.end - 1;
+    copy_rows_zfill(gmem_load, tQgQ, tQsQ, tQcQ, p.seqlen_q - row0);
+    copy_rows_zfill(gmem_load, tKgK(_, _, _, n_block), tKsK, tKVcKV, p.seqlen_k - n_block * kBlockN);
+    cp_async_fence();
+
+    OnlineSoftmax<Traits::kRowsPerThread> softmax;
+    CUTE_NO_UNROLL
+    for (; n_block >= blocks.begin; --n_block) {
+        const int col0 = n_block * kBlockN;
+        Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+        clear(acc_s);
+
+        cp_async_wait<0>();  // K(n) (and Q) landed
+        __syncthreads();     // ... for every thread, and every warp is done with V(n+1)
+        copy_rows_zfill(gmem_load, tVgV(_, _, _, n_block), tVsV, tKVcKV, p.seqlen_k - col0);
+        cp_async_fence();
+
+        gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_load_q, smem_thr_load_q, smem_load_k,
+                       smem_thr_load_k);
+        if (block_needs_mask<kBlockM, kBlockN, kIsMasked>(row0, col0, p.seqlen_k, p.mask)) {
+            apply_band_mask<kIsMasked>(acc_s, cS, row0, col0, p.seqlen_k, p.mask);
+        }
+
+        cp_async_wait<0>();  // V(n) landed
+        __syncthreads();     // ... for every thread, and every warp is done with K(n)
+        if (n_block > blocks.begin) {
+            copy_rows_zfill(gmem_load, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, p.seqlen_k - col0 + kBlockN);
+            cp_async_fence();
+        }
+
+        softmax.template update<kIsMasked>(acc_s, acc_o, p.softmax_scale_log2, n_block == blocks.end - 1);
+        Tensor rP = convert_fragment<Element>(acc_s);
+        Tensor tOrP = make_tensor(rP.data(), accumulator_as_operand_a(rP.layout()));
+        gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_load_v, smem_thr_load_v);
+    }
+
+    float lse[Traits::kRowsPerThread];
+    softmax.finalize(acc_o, p.softmax_scale, lse);
+    if (p.merge_into_accum) {
+        merge_output<Traits>(p, acc_o, lse, batch, head, m_block);
+    } else {
+        store_output<Traits>(p, acc_o, lse, smem, batch, head, m_block);
+    }
+}
+
+// Grid: (query blocks, batch, heads). Masked kernels take query blocks from the last one down:
+// under causal-like bands later rows see more keys, and starting the longest CTAs first shortens
+// the tail of the launch.
+template <class Traits, bool kIsMasked>
+__global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const __grid_constant__ FwdParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const int m_block = kIsMasked ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    compute_fwd_tile<Traits, kIsMasked>(params, m_block, blockIdx.y, blockIdx.z);
+#endif
+}
+
+}  // namespace flash
+}  // namespace ring_attn

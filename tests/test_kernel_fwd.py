@@ -1,0 +1,215 @@
+"""The forward kernel itself: ring_attn_ext._C.fwd and _C.fwd_merge against the PyTorch reference.
+
+Every case draws fresh random inputs and checks
+  - out by FlashAttention's rule (error against an fp32 reference at most 2x that of a same-dtype
+    PyTorch computation, plus rounding), rows that see no key exactly 0;
+  - lse directly against the fp32 reference's lse (tight tolerance; -inf rows exactly -inf, never
+    NaN or +inf);
+  - the merge epilogue: keys split into chunks, each merged into an fp32 running (out, lse) with the
+    band shifted to chunk-local positions, in a shuffled order, equals attention over all keys.
+Shapes cover seqlens 1, 17, 127, 1000, 4097, s_q < s_k and s_q > s_k, batch > 1, GQA ratios 1, 4
+and 8, strided inputs (slices of packed tensors), and bands: full, bottom-right causal, a window,
+causal without the diagonal, an offset band that skips key blocks on both sides, and an empty band.
+"""
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import (CUDA_EXTENSION_SKIP_REASON, assert_flash_rule, assert_lse_equal, max_error, poison_cuda_allocator,
+                      skip_unless_built)
+from ring_attn_ext._extension import _C
+from ring_attn_ext.masks import band_for
+from ring_attn_ext.reference import attention_reference, merge_partial
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(CUDA_EXTENSION_SKIP_REASON is not None, reason=CUDA_EXTENSION_SKIP_REASON or ""),
+]
+
+HEAD_DIMS = (32, 64, 96, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
+# The kernel and the fp32 reference see the same 16-bit inputs, so their scores differ only by fp32
+# summation order; lse values are around log(seqlen_k) + O(1) <= ~12.
+LSE_ATOL = 1e-4
+
+# (batch, seqlen_q, seqlen_k, heads, heads_kv)
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 17, 17, 4, 1),       # GQA 4
+    (1, 127, 1000, 8, 1),    # GQA 8, s_q < s_k, key tail
+    (2, 1000, 127, 4, 4),    # s_q > s_k: causal leaves leading rows without keys
+    (1, 4097, 4097, 2, 2),   # long, one past a multiple of every tile
+]
+
+BANDS = ("full", "causal", "window", "causal_strict", "offset", "empty")
+
+
+def band(kind, seqlen_q, seqlen_k):
+    """(key_offset_min, key_offset_max) of a band kind; None = unbounded."""
+    if kind == "full":
+        return None, None
+    if kind == "causal":
+        return band_for(seqlen_q, seqlen_k, causal=True)
+    if kind == "window":
+        return band_for(seqlen_q, seqlen_k, window_size=(37, 5))
+    if kind == "causal_strict":  # the ring's "causal excluding the diagonal"
+        return None, seqlen_k - seqlen_q - 1
+    if kind == "offset":  # keys 100..300 positions behind the query: blocks skipped on both sides
+        return -300, -100
+    if kind == "empty":  # min > max: no key is visible anywhere
+        return 5, 2
+    raise ValueError(kind)
+
+
+def random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype):
+    q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(batch, seqlen_k, heads_kv, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn(batch, seqlen_k, heads_kv, head_dim, device="cuda", dtype=dtype)
+    return q, k, v
+
+
+def references(q, k, v, scale, kmin, kmax):
+    """(fp32 out, fp32 lse) from fp32 copies of the inputs, and the same-dtype out."""
+    ref_out, ref_lse = attention_reference(q.float(), k.float(), v.float(), scale, kmin, kmax)
+    same_out, _ = attention_reference(q, k, v, scale, kmin, kmax, upcast=False)
+    return ref_out, ref_lse, same_out
+
+
+def check_forward(q, k, v, scale, kmin, kmax, what):
+    poison_cuda_allocator()
+    out, lse = _C.fwd(q, k, v, scale, kmin, kmax)
+    torch.cuda.synchronize()
+    ref_out, ref_lse, same_out = references(q, k, v, scale, kmin, kmax)
+    assert out.dtype == q.dtype and out.shape == q.shape, what
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]), what
+    assert_flash_rule(out, ref_out, same_out, 2, f"{what}: out")
+    assert_lse_equal(lse, ref_lse, LSE_ATOL, f"{what}: lse")
+    empty_rows = torch.isneginf(ref_lse).transpose(1, 2)  # (b, s_q, h)
+    assert (out[empty_rows] == 0).all(), f"{what}: rows without a visible key must be exactly 0"
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmul():
+    """The fp32 reference must not run its products in TF32."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# ------------------------------------------------------------------------------------------ forward
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_sq{}_sk{}_h{}_hkv{}".format(*s))
+@pytest.mark.parametrize("band_kind", BANDS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fwd_matches_reference(dtype, head_dim, band_kind, shape):
+    skip_unless_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads, heads_kv = shape
+    q, k, v = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    kmin, kmax = band(band_kind, seqlen_q, seqlen_k)
+    check_forward(q, k, v, head_dim ** -0.5, kmin, kmax, f"{band_kind} {shape}")
+
+
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fwd_strided_inputs(dtype, head_dim, causal):
+    """Slices of packed tensors: every stride differs from the contiguous one."""
+    skip_unless_built(head_dim, dtype)
+    batch, seqlen, heads = 2, 333, 4
+    # q, k, v from a packed (b, s, 3, h, d) tensor.
+    qkv = torch.randn(batch, seqlen, 3, heads, head_dim, device="cuda", dtype=dtype)
+    q, k, v = qkv.unbind(dim=2)
+    kmin, kmax = band_for(seqlen, seqlen, causal=causal)
+    check_forward(q, k, v, 0.7 / math.sqrt(head_dim), kmin, kmax, "qkv-packed")
+
+    # q from a (b, h, s, d) tensor (head stride > row stride); GQA k, v from a kv-packed cache with
+    # spare capacity (batch stride > seqlen_k * row stride), starting at an offset.
+    heads_kv, seqlen_k, capacity = 2, 517, 600
+    q = torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+    cache = torch.randn(batch, capacity, 2, heads_kv, head_dim, device="cuda", dtype=dtype)
+    k, v = cache[:, 7:7 + seqlen_k].unbind(dim=2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    kmin, kmax = band_for(seqlen, seqlen_k, causal=causal)
+    check_forward(q, k, v, head_dim ** -0.5, kmin, kmax, "transposed q, kv cache slice")
+
+
+# ------------------------------------------------------------------------------------------- merge
+
+def shifted(offset, kmin, kmax):
+    """The band over global key positions seen from a chunk of keys that starts at `offset`."""
+    return (None if kmin is None else kmin - offset), (None if kmax is None else kmax - offset)
+
+
+def chunk_bounds(seqlen_k, pieces):
+    """Uneven split points of [0, seqlen_k) into `pieces` chunks (none of them tile-aligned)."""
+    cuts = sorted({max(1, min(seqlen_k - 1, round(seqlen_k * f) + 3)) for f in (0.31, 0.64)[:pieces - 1]})
+    edges = [0] + cuts + [seqlen_k]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@pytest.mark.parametrize("shape,pieces", [((2, 300, 700, 4, 2), 3), ((1, 1000, 1000, 8, 1), 2)],
+                         ids=("b2_sq300_sk700_3chunks", "b1_s1000_gqa8_2chunks"))
+@pytest.mark.parametrize("band_kind", ("full", "causal", "window", "causal_strict"))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fwd_merge_over_key_chunks_matches_full_attention(dtype, head_dim, band_kind, shape, pieces):
+    skip_unless_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads, heads_kv = shape
+    q, k, v = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    scale = head_dim ** -0.5
+    kmin, kmax = band(band_kind, seqlen_q, seqlen_k)
+    out_accum = torch.zeros(batch, seqlen_q, heads, head_dim, device="cuda", dtype=torch.float32)
+    lse_accum = torch.full((batch, heads, seqlen_q), float("-inf"), device="cuda")
+    chunks = chunk_bounds(seqlen_k, pieces)
+    random.Random(head_dim * 7 + pieces).shuffle(chunks)  # the merge must not depend on the order
+    for start, stop in chunks:
+        lo, hi = shifted(start, kmin, kmax)
+        _C.fwd_merge(q, k[:, start:stop], v[:, start:stop], out_accum, lse_accum, scale, lo, hi)
+    torch.cuda.synchronize()
+
+    ref_out, ref_lse, same_out = references(q, k, v, scale, kmin, kmax)
+    assert_flash_rule(out_accum, ref_out, same_out, 2, f"merged out ({chunks})")
+    assert_lse_equal(lse_accum, ref_lse, LSE_ATOL, f"merged lse ({chunks})")
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fwd_merge_state_rules(dtype, head_dim):
+    """A running lse of -inf takes the block's values without reading the running out (poisoned
+    with NaN here); a row with no visible key in this call leaves its state bitwise untouched."""
+    skip_unless_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads, heads_kv = 2, 300, 130, 4, 2
+    q, k, v = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    scale = head_dim ** -0.5
+    kmin, kmax = band_for(seqlen_q, seqlen_k, causal=True)  # the first 170 rows see no key
+    ref_out, ref_lse, same_out = references(q, k, v, scale, kmin, kmax)
+    empty = torch.isneginf(ref_lse)  # (b, h, s_q)
+    assert empty.any() and not empty.all()
+    empty_bshd = empty.transpose(1, 2)  # (b, s_q, h)
+
+    # Fresh state: out NaN (must not be read), lse -inf.
+    out_accum = torch.full((batch, seqlen_q, heads, head_dim), float("nan"), device="cuda")
+    lse_accum = torch.full((batch, heads, seqlen_q), float("-inf"), device="cuda")
+    _C.fwd_merge(q, k, v, out_accum, lse_accum, scale, kmin, kmax)
+    torch.cuda.synchronize()
+    assert torch.isnan(out_accum[empty_bshd]).all(), "rows without keys must stay untouched"
+    assert torch.isneginf(lse_accum[empty]).all()
+    assert_flash_rule(out_accum[~empty_bshd], ref_out[~empty_bshd], same_out[~empty_bshd], 2, "fresh state: out")
+    assert_lse_equal(lse_accum[~empty], ref_lse[~empty], LSE_ATOL, "fresh state: lse")
+
+    # A finite running state: empty rows keep it bit for bit, others follow merge_partial.
+    state_out = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda")
+    state_lse = torch.randn(batch, heads, seqlen_q, device="cuda") * 2 + math.log(seqlen_k)
+    out_accum, lse_accum = state_out.clone(), state_lse.clone()
+    _C.fwd_merge(q, k, v, out_accum, lse_accum, scale, kmin, kmax)
+    torch.cuda.synchronize()
+    assert torch.equal(out_accum[empty_bshd], state_out[empty_bshd])
+    assert torch.equal(lse_accum[empty], state_lse[empty])
+    want_out, want_lse = merge_partial(state_out, state_lse, ref_out, ref_lse)
+    same_merged, _ = merge_partial(state_out, state_lse, same_out.float(), ref_lse)
+    assert_flash_rule(out_accum, want_out, same_merged, 2, "finite state: out")
+    assert max_error(lse_accum, want_lse) <= LSE_ATOL, "finite state: lse"
