@@ -9,12 +9,36 @@ from ._extension import has_extension
 from .flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from .masks import band_for
 from .reference import attention_reference
+from .ring import backward, forward
+from .ring_flash_attn import (ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func,
+                              stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func,
+                              zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_kvpacked_func,
+                              zigzag_ring_flash_attn_qkvpacked_func)
+from .ring_plan import Piece, build_plan
+from .sharding import LAYOUTS, positions, shard, unshard
 
 __all__ = [
+    "LAYOUTS",
+    "Piece",
     "attention_reference",
+    "backward",
     "band_for",
+    "build_plan",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "forward",
     "has_extension",
+    "positions",
+    "ring_flash_attn_func",
+    "ring_flash_attn_kvpacked_func",
+    "ring_flash_attn_qkvpacked_func",
+    "shard",
+    "stripe_flash_attn_func",
+    "stripe_flash_attn_kvpacked_func",
+    "stripe_flash_attn_qkvpacked_func",
+    "unshard",
+    "zigzag_ring_flash_attn_func",
+    "zigzag_ring_flash_attn_kvpacked_func",
+    "zigzag_ring_flash_attn_qkvpacked_func",
 ]

@@ -1,0 +1,184 @@
+"""python -m ring_attn_ext: the main job.
+
+Runs ring attention across the GPUs present (one process per GPU, NCCL) or, without a GPU, across
+4 CPU processes (gloo). For each layout it shards one random global q/k/v (the same on every
+rank), runs the drop-in function forward and backward on the shards, and checks every rank's
+out, lse, dq, dk and dv against full attention on the unsharded tensors computed in float64, by
+FlashAttention's rule: the ring's error is at most 2x (3x for gradients) the error of the same
+attention computed by PyTorch in the input dtype, plus twice the error of rounding the exact
+result to the input dtype and 1e-6. Prints one row per layout and exits non-zero on any failure.
+"""
+import argparse
+import datetime
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .masks import band_for
+from .reference import attention_reference
+from .ring_flash_attn import ring_flash_attn_func, stripe_flash_attn_func, zigzag_ring_flash_attn_func
+from .sharding import LAYOUTS, shard, tokens_per_rank
+
+FUNCTIONS = {"ring": ring_flash_attn_func, "zigzag": zigzag_ring_flash_attn_func, "stripe": stripe_flash_attn_func}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+QUANTITIES = ("out", "lse", "dq", "dk", "dv")
+FACTORS = {"out": 2, "lse": 2, "dq": 3, "dk": 3, "dv": 3}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m ring_attn_ext", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when a GPU is present, else cpu")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="processes in the ring (default: the number of GPUs, or 4 on CPU)")
+    parser.add_argument("--seqlen", type=int, default=None,
+                        help="global sequence length (default: 4096 on CUDA, 256 on CPU); "
+                             "a multiple of 2 * world-size for zigzag")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available")
+    if args.world_size is None:
+        args.world_size = torch.cuda.device_count() if args.device == "cuda" else 4
+    if args.world_size < 1 or (args.device == "cuda" and args.world_size > torch.cuda.device_count()):
+        parser.error(f"--world-size {args.world_size}: need 1 to {torch.cuda.device_count()} processes "
+                     f"(one per GPU)" if args.device == "cuda" else f"--world-size {args.world_size} must be >= 1")
+    if args.seqlen is None:
+        args.seqlen = 4096 if args.device == "cuda" else 256
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    args.layouts = [layout.strip() for layout in args.layouts.split(",") if layout.strip()]
+    unknown = [layout for layout in args.layouts if layout not in LAYOUTS]
+    if unknown or not args.layouts:
+        parser.error(f"--layouts: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
+    for layout in args.layouts:
+        try:
+            tokens_per_rank(args.seqlen, layout, args.world_size)
+        except ValueError as error:
+            parser.error(f"--seqlen: {error}")
+    return args
+
+
+def max_error(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def check_layout(rank, world_size, layout, args, device):
+    """Errors of this rank's shards and the bounds they must meet, as {quantity: (error, bound)}."""
+    dtype = DTYPES[args.dtype]
+    generator = torch.Generator().manual_seed(20260101)  # the same global tensors on every rank
+
+    def randn(heads):
+        return torch.randn(args.batch, args.seqlen, heads, args.head_dim, generator=generator).to(device)
+
+    q, k, v, dout = randn(args.heads), randn(args.kv_heads), randn(args.kv_heads), randn(args.heads)
+    band = band_for(args.seqlen, args.seqlen, args.causal)
+
+    def full_attention(compute_dtype, upcast):
+        """Full attention on the unsharded tensors and its gradients (of sum(out * dout), i.e.
+        backward with dout), as this rank's shards."""
+        leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = attention_reference(*leaves, None, *band, upcast=upcast)
+        grads = torch.autograd.grad((out * dout.to(compute_dtype)).sum(), leaves)
+        results = dict(out=out.detach(), lse=lse, dq=grads[0], dk=grads[1], dv=grads[2])
+        return {name: shard(t, layout, rank, world_size, dim=2 if name == "lse" else 1)
+                for name, t in results.items()}
+
+    exact = full_attention(torch.float64, upcast=True)
+    same_dtype = full_attention(dtype, upcast=False)
+
+    local = [shard(t, layout, rank, world_size).to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    out, lse, _ = FUNCTIONS[layout](*local, causal=args.causal, return_attn_probs=True)
+    (out * shard(dout, layout, rank, world_size).to(dtype)).sum().backward()
+    ring = dict(out=out.detach(), lse=lse, dq=local[0].grad, dk=local[1].grad, dv=local[2].grad)
+
+    report = {}
+    for name in QUANTITIES:
+        error = max_error(ring[name], exact[name])
+        rounding = max_error(exact[name].to(ring[name].dtype), exact[name])
+        bound = FACTORS[name] * max_error(same_dtype[name], exact[name]) + 2 * rounding + 1e-6
+        if not torch.isfinite(ring[name]).all():
+            error = float("inf")
+        report[name] = (error, bound)
+    return report
+
+
+def worker(rank, args, init_method, results):
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=args.world_size,
+                                timeout=datetime.timedelta(minutes=5), device_id=device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=args.world_size,
+                                timeout=datetime.timedelta(minutes=5))
+    try:
+        rows = []
+        for layout in args.layouts:
+            report = check_layout(rank, args.world_size, layout, args, device)
+            # Every rank's (error, bound) per quantity and its verdict go to rank 0 for the table.
+            values = torch.tensor([v for name in QUANTITIES for v in report[name]]
+                                  + [float(all(e <= b for e, b in report.values()))], dtype=torch.float64,
+                                  device=device)
+            gathered = [torch.empty_like(values) for _ in range(args.world_size)]
+            dist.all_gather(gathered, values)
+            rows.append((layout, [t.tolist() for t in gathered]))
+        if rank == 0:
+            results.put(rows)
+    finally:
+        if args.device == "cuda":
+            from ._ring_cuda import destroy_communicators  # spawned workers do not run atexit handlers
+            destroy_communicators()
+        dist.destroy_process_group()
+
+
+def print_table(args, rows):
+    print(f"ring attention, {args.device}, world {args.world_size}, {args.dtype}, batch {args.batch}, "
+          f"seqlen {args.seqlen}, heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}, "
+          f"causal {args.causal}; max error over ranks vs float64 full attention (bound)")
+    header = f"{'layout':<8}{'world':>6}  " + "".join(f"{name:>22}" for name in QUANTITIES) + "  result"
+    print(header)
+    all_passed = True
+    for layout, per_rank in rows:
+        cells = []
+        for index, name in enumerate(QUANTITIES):
+            worst = max(per_rank, key=lambda values: values[2 * index] - values[2 * index + 1])
+            cells.append(f"{worst[2 * index]:.2e} ({worst[2 * index + 1]:.1e})")
+        passed = all(values[-1] == 1.0 for values in per_rank)
+        all_passed &= passed
+        print(f"{layout:<8}{args.world_size:>6}  " + "".join(f"{cell:>22}" for cell in cells)
+              + f"  {'pass' if passed else 'FAIL'}")
+    return all_passed
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # NVLink multicast (NVLS) is not available on every machine and the ring does not need it.
+    os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    results = mp.get_context("spawn").SimpleQueue()
+    with tempfile.TemporaryDirectory() as directory:
+        init_method = "file://" + os.path.join(directory, "rendezvous")
+        mp.spawn(worker, args=(args, init_method, results), nprocs=args.world_size, join=True)
+    return 0 if print_table(args, results.get()) else 1
+
+
+if __name__ == "__main__":
+    # Run the copy of this module imported under its package name: spawned processes find `worker`
+    # there (multiprocessing does not re-run a package's __main__ in its children).
+    from ring_attn_ext.__main__ import main as main_of_module
+    sys.exit(main_of_module())

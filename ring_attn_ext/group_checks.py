@@ -1,0 +1,150 @@
+"""Cross-rank agreement of a ring call: a clear error on every rank instead of a hang.
+
+A ring only works when every rank of the group calls it with the same shapes, dtype, layout,
+causal flag, window and softmax scale; when one rank disagrees, or rejects its own arguments, the
+others would otherwise wait forever on a send or a receive. So every ring call first runs one
+small all_gather of a fixed-size int64 record (CPU tensor on groups with a CPU backend such as
+gloo, CUDA tensor on NCCL-only groups) and every rank compares all the records, so all of them
+raise the same error, or none does.
+
+Why there is no cache. A cache keyed by the local signature would let a rank whose signature was
+seen before skip the all_gather while a rank with a new signature (say, a different sequence
+length this iteration) runs it: the second rank then waits in the all_gather for a peer that has
+gone on to the ring, which is exactly the hang this module exists to prevent. No rank can know
+that the others hit their cache without communicating, so the check runs on every call. Its
+cost is one tiny collective; on an NCCL-only group it also waits for the GPU work queued before
+it (the record has to come back to the host to be compared). Two cases skip it safely:
+  - the backward of the autograd functions (ring_flash_attn.py): its inputs are the forward's,
+    which every rank already agreed on, and autograd runs it on every rank alike;
+  - RING_ATTN_GROUP_CHECKS=0 in the environment, for runs known to be consistent (set it the same
+    on every rank: a rank that checks waits for one that does not).
+"""
+import math
+import os
+import struct
+import typing
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from .sharding import LAYOUTS
+
+Signature = typing.NamedTuple("Signature", [
+    ("operation", str),           # "forward" or "backward"
+    ("q_shape", typing.Tuple[int, ...]),
+    ("kv_shape", typing.Tuple[int, ...]),
+    ("dtype", torch.dtype),
+    ("device_type", str),
+    ("layout", str),
+    ("causal", bool),
+    ("window_size", typing.Tuple[int, int]),
+    ("softmax_scale", float)])
+
+_OPERATIONS = ("forward", "backward")
+_DEVICE_TYPES = ("cpu", "cuda")
+# Record fields: (name, number of int64 slots). A record starts with a flag: 1 = valid arguments.
+_FIELDS = (("operation", 1), ("q shape", 4), ("k/v shape", 4), ("dtype", 1), ("device type", 1),
+           ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1))
+_RECORD_SIZE = 1 + sum(size for _, size in _FIELDS)
+
+
+def checks_enabled():
+    return os.environ.get("RING_ATTN_GROUP_CHECKS", "1") != "0"
+
+
+def validate_together(group, world_size, validate):
+    """Runs validate() -> (Signature, result) on this rank, then (world_size > 1) compares the
+    signatures of all ranks of `group`. Returns result when every rank validated and all agree;
+    otherwise raises on every rank: this rank's own validation error, or a ValueError naming the
+    ranks that rejected their arguments or the fields on which the ranks disagree."""
+    try:
+        signature, result = validate()
+        error = None
+    except Exception as exc:  # re-raised below, after the other ranks have learnt about it
+        signature, result, error = None, None, exc
+    if world_size > 1 and checks_enabled():
+        records = _all_gather_records(group, world_size, _encode(signature))
+        if error is None:
+            _raise_if_disagreeing(records, signature.operation)
+    if error is not None:
+        raise error
+    return result
+
+
+def backend_supports_cpu(group):
+    backend = str(dist.get_backend(group)).lower()
+    return "nccl" not in backend or "gloo" in backend
+
+
+def _collective_device(group):
+    if backend_supports_cpu(group):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _all_gather_records(group, world_size, record):
+    device = _collective_device(group)
+    local = torch.tensor(record, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local, group=group)
+    return [tuple(t.tolist()) for t in gathered]
+
+
+def _encode(signature):
+    if signature is None:
+        return [0] * _RECORD_SIZE
+    return [1, _OPERATIONS.index(signature.operation), *signature.q_shape, *signature.kv_shape,
+            _dtype_code(signature.dtype), _device_code(signature.device_type), LAYOUTS.index(signature.layout),
+            int(signature.causal), *signature.window_size,
+            struct.unpack("<q", struct.pack("<d", signature.softmax_scale))[0]]
+
+
+def _raise_if_disagreeing(records, operation):
+    rejected = [rank for rank, record in enumerate(records) if record[0] != 1]
+    if rejected:
+        raise ValueError(f"ring attention {operation}: rank(s) {rejected} of the process group rejected their "
+                         "arguments (the error is raised there); every rank stops here instead of waiting for them")
+    differences = []
+    offset = 1
+    for name, size in _FIELDS:
+        values = [record[offset:offset + size] for record in records]
+        if any(value != values[0] for value in values):
+            shown = ", ".join(f"rank {rank}: {_decode(name, value)}" for rank, value in enumerate(values))
+            differences.append(f"{name} ({shown})")
+        offset += size
+    if differences:
+        raise ValueError(f"ring attention {operation}: the ranks of the process group disagree on "
+                         + "; ".join(differences)
+                         + ". Every rank must pass local shards of the same shape and dtype and the same layout, "
+                         "causal, window_size and softmax_scale.")
+
+
+def _device_code(device_type):
+    return _DEVICE_TYPES.index(device_type) if device_type in _DEVICE_TYPES else len(_DEVICE_TYPES)
+
+
+def _dtype_code(dtype):
+    return zlib.crc32(str(dtype).encode())  # stable across processes, unlike hash()
+
+
+_DTYPE_NAMES = {_dtype_code(d): str(d) for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+
+def _decode(name, value):
+    if name == "operation":
+        return _OPERATIONS[value[0]]
+    if name in ("q shape", "k/v shape"):
+        return tuple(value)
+    if name == "dtype":
+        return _DTYPE_NAMES.get(value[0], f"dtype code {value[0]}")
+    if name == "device type":
+        return _DEVICE_TYPES[value[0]] if value[0] < len(_DEVICE_TYPES) else "other"
+    if name == "layout":
+        return repr(LAYOUTS[value[0]])
+    if name == "causal":
+        return bool(value[0])
+    if name == "window_size":
+        return tuple(value)
+    scale = struct.unpack("<d", struct.pack("<q", value[0]))[0]
+    return repr(scale) if math.isfinite(scale) else str(scale)
