@@ -134,6 +134,16 @@ def check_options(head_dim, dropout_p, softmax_scale, causal, window_size, softc
     return check_softmax_scale(softmax_scale, head_dim), window
 
 
+def check_deterministic(deterministic, device):
+    """deterministic=True asks for bitwise-reproducible gradients. The CUDA backward adds dq (and,
+    under GQA, dk/dv) with fp32 atomics, whose order varies, so CUDA rejects it rather than
+    ignoring it; the CPU reference is always deterministic."""
+    check_flag(deterministic, "deterministic")
+    if deterministic and device.type == "cuda":
+        raise NotImplementedError("deterministic=True: the CUDA backward is not deterministic yet (fp32 atomic "
+                                  "adds); pass deterministic=False (CPU tensors are always deterministic)")
+
+
 def check_device_support(shape, device, what):
     """CUDA tensors need the compiled extension with a kernel for this head_dim; other devices run
     the PyTorch reference, which supports any head_dim. Returns the extension module or None."""

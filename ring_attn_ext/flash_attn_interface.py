@@ -102,6 +102,7 @@ def _validate(what, q, k, v, names, dropout_p, softmax_scale, causal, window_siz
     shape = checks.check_qkv(q, k, v, names)
     softmax_scale, window = checks.check_options(shape.head_dim, dropout_p, softmax_scale, causal, window_size,
                                                  softcap, alibi_slopes, deterministic, return_attn_probs)
+    checks.check_deterministic(deterministic, q.device)
     ext = checks.check_device_support(shape, q.device, what)
     return ext, softmax_scale, band_for(shape.seqlen_q, shape.seqlen_k, causal, window)
 
@@ -118,10 +119,10 @@ _COMMON_DOC = """
         sees key j iff j <= i + seqlen_k - seqlen_q).
       window_size: (left, right) sliding window around the same diagonal, -1 meaning unbounded.
       softcap: must be 0.0 (not implemented). alibi_slopes: must be None (not implemented).
-      deterministic: accepted for compatibility; it changes nothing. The forward is deterministic.
-        On CUDA the backward sums dq across key blocks (and dk, dv across the query heads of a
-        group under grouped-query attention) with fp32 atomics, so the last bits of those gradients
-        may vary between runs; the CPU path is deterministic.
+      deterministic: True raises NotImplementedError on CUDA, whose backward sums dq across key
+        blocks (and dk, dv across the query heads of a group under grouped-query attention) with
+        fp32 atomics, so the last bits of those gradients may vary between runs; the CPU path is
+        always deterministic and accepts it.
       return_attn_probs: if True, return (out, lse, None) instead of out, where lse (batch, heads,
         seqlen_q) float32 is the natural-log softmax normaliser (-inf, and out 0, for a query that sees
         no key). The probabilities themselves are never materialised, hence None.

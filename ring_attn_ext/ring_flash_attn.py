@@ -81,15 +81,12 @@ def _ring_attention(layout, packing, tensors, dropout_p, softmax_scale, causal, 
         _check_packing(packing, tensors)
         checks.check_dropout_p(dropout_p)
         checks.check_alibi_slopes(alibi_slopes)
-        checks.check_flag(deterministic, "deterministic")
         checks.check_flag(return_attn_probs, "return_attn_probs")
         q, k, v = _unpack(packing, tensors)
         names = {_SEPARATE: ("q", "k", "v"), _KV_PACKED: ("q", "kv[:, :, 0]", "kv[:, :, 1]"),
                  _QKV_PACKED: ("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]")}[packing]
         checks.check_qkv(q, k, v, names)
-        if deterministic and q.is_cuda:
-            raise NotImplementedError("deterministic=True: the CUDA ring backward is not deterministic yet; "
-                                      "pass deterministic=False (CPU tensors are always deterministic)")
+        checks.check_deterministic(deterministic, q.device)
         return ring.check_call("forward", q, k, v, ring_group, causal, softmax_scale, layout, window_size)
 
     call = validate_together(ring_group.group, ring_group.world_size, validate)

@@ -176,6 +176,14 @@ def test_mismatched_devices():
             flash_attn_func(q.to("cuda"), k_cuda, v)
 
 
+def test_deterministic_is_rejected_on_cuda_and_accepted_on_cpu():
+    with fake_cuda_mode():
+        tensors = qkv(dtype=torch.bfloat16, head_dim=64, device="cuda")
+        with raises(NotImplementedError, "deterministic=True: the CUDA backward is not deterministic yet"):
+            flash_attn_func(*tensors, deterministic=True)
+    flash_attn_func(*qkv(), deterministic=True)
+
+
 @pytest.mark.skipif(has_extension(), reason="this install has the extension: CUDA tensors do not fail for lack of it")
 def test_cuda_tensors_without_extension_raise_clear_error():
     with fake_cuda_mode():
