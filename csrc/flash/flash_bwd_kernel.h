@@ -1,0 +1,361 @@
+// FlashAttention-2-style backward ("seqk-parallel"): one CTA per (key block, batch, query head).
+// The CTA keeps its K and V tile in shared memory and walks the query blocks that the mask band lets
+// see any of its keys, from the last to the first. For each query block it recomputes the
+// probabilities from the saved log-sum-exp, accumulates dK and dV in registers, and adds its share of
+// dQ into the caller's fp32 dq_accum with atomics. At the end it adds dK and dV into the caller's fp32
+// dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA).
+//
+// Math, with S the unscaled scores and scale = softmax_scale:
+//   P  = exp(scale * S - lse) = exp2(S * scale * log2(e) - lse * log2(e))
+//   dP = dO V^T;   dS = P o (dP - delta), delta = rowsum(dO o O)
+//   dV = P^T dO;   dK = scale * dS^T Q;   dQ = scale * dS K
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include <cmath>
+#include <cstdint>
+
+#include "bwd_traits.h"
+#include "bwd_utils.h"
+#include "flash_params.h"
+
+namespace ring_attn {
+namespace bwd {
+
+// Queries [begin, end) that see at least one key of [key_begin, key_end). Key j is visible to query
+// i iff key_offset_min <= j - i <= key_offset_max; the host clamps both offsets into
+// [-seqlen_q, seqlen_k], so nothing here overflows.
+struct QueryRange {
+    int begin, end;
+};
+
+template <bool kIsMasked>
+__device__ __forceinline__ QueryRange visible_queries(const BwdParams& params, int key_begin, int key_end) {
+    QueryRange range{0, params.seqlen_q};
+    if constexpr (kIsMasked) {
+        range.begin = max(0, key_begin - params.mask.key_offset_max);
+        range.end = min(params.seqlen_q, key_end - params.mask.key_offset_min);
+    }
+    return range;
+}
+
+// True when every (query, key) pair of the tile lies inside the band, so no element needs masking.
+__device__ __forceinline__ bool tile_inside_band(const MaskBand& band, int query_begin, int key_begin, int rows,
+                                                 int cols) {
+    return key_begin - (query_begin + rows - 1) >= band.key_offset_min &&
+           key_begin + cols - 1 - query_begin <= band.key_offset_max;
+}
+
+// Copies a tile's rows from global to shared memory with cp.async; rows at or past `rows` are
+// zero-filled instead (they would otherwise hold stale data that turns 0 * x into NaN).
+template <typename TiledCopy, typename Src, typename Dst, typename Coord>
+__device__ __forceinline__ void load_rows(const TiledCopy& tiled_copy, const Src& src, Dst&& dst, const Coord& coord,
+                                          int rows) {
+    using namespace cute;
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(src); ++m) {
+        if (get<0>(coord(0, m, 0)) < rows) {
+            copy(tiled_copy, src(_, m, _), dst(_, m, _));
+        } else {
+            clear(dst(_, m, _));
+        }
+    }
+}
+
+// A register-fragment-sized tensor of a given shape: partition_fragment_* needs only the shape.
+template <typename Element, typename Shape>
+__device__ __forceinline__ auto shape_only(const Shape& shape) {
+    return cute::make_tensor(cute::make_smem_ptr(static_cast<Element*>(nullptr)), cute::make_layout(shape));
+}
+
+template <typename Traits, bool kIsMasked>
+__device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* smem_raw) {
+    using namespace cute;
+    using Element = typename Traits::Element;
+    constexpr int kBlockM = Traits::kBlockM;
+    constexpr int kBlockN = Traits::kBlockN;
+    constexpr int kHeadDim = Traits::kHeadDim;
+    constexpr int kStages = Traits::kStages;
+    using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
+    using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
+    using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
+
+    const int tid = threadIdx.x;
+    const int n_block = blockIdx.x;
+    const int batch = blockIdx.y;
+    const int head = blockIdx.z;
+    const int head_kv = head / (params.heads / params.heads_kv);
+    const int key_begin = n_block * kBlockN;
+    const int keys_in_block = min(kBlockN, params.seqlen_k - key_begin);
+
+    const QueryRange queries = visible_queries<kIsMasked>(params, key_begin, key_begin + keys_in_block);
+    if (queries.begin >= queries.end) return;  // no query sees these keys: nothing to add
+    const int m_block_first = queries.begin / kBlockM;
+    const int m_block_last = (queries.end - 1) / kBlockM;
+
+    // Global memory. Row strides are runtime values, the head dim is contiguous.
+    Tensor mQ = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
+                                          head * params.q_head_stride),
+                            make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.q_row_stride, _1{}));
+    Tensor mdO = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.dout) +
+                                           batch * params.do_batch_stride + head * params.do_head_stride),
+                             make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.do_row_stride, _1{}));
+    Tensor mK = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
+                                          head_kv * params.k_head_stride),
+                            make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.k_row_stride, _1{}));
+    Tensor mV = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
+                                          head_kv * params.v_head_stride),
+                            make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.v_row_stride, _1{}));
+    Tensor gQ = local_tile(mQ, TileQ{}, make_coord(_, _0{}));    // (kBlockM, kHeadDim, m_blocks)
+    Tensor gdO = local_tile(mdO, TileQ{}, make_coord(_, _0{}));  // (kBlockM, kHeadDim, m_blocks)
+    Tensor gK = local_tile(mK, TileKV{}, make_coord(n_block, _0{}));  // (kBlockN, kHeadDim)
+    Tensor gV = local_tile(mV, TileKV{}, make_coord(n_block, _0{}));  // (kBlockN, kHeadDim)
+    const float* lse = params.lse + batch * params.lse_batch_stride + head * params.lse_head_stride;
+    const float* delta = params.delta + batch * params.delta_batch_stride + head * params.delta_head_stride;
+    float* dq_accum = params.dq_accum + batch * params.dq_batch_stride + head * params.dq_head_stride;
+
+    // Shared memory: K, V, Q[kStages], dO[kStages], P, dS; plus transposed views of the same bytes.
+    Element* smem = reinterpret_cast<Element*>(smem_raw);
+    Tensor sK = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutKV{});
+    Tensor sV = make_tensor(make_smem_ptr(smem + Traits::kSizeKV), typename Traits::SmemLayoutKV{});
+    Element* smem_q = smem + 2 * Traits::kSizeKV;
+    Element* smem_do = smem_q + Traits::kSizeQ;
+    Element* smem_p = smem_do + Traits::kSizeQ;
+    Element* smem_ds = smem_p + Traits::kSizePdS;
+    Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});    // (kBlockM, kHeadDim, kStages)
+    Tensor sdO = make_tensor(make_smem_ptr(smem_do), typename Traits::SmemLayoutQ{});  // (kBlockM, kHeadDim, kStages)
+    Tensor sP = make_tensor(make_smem_ptr(smem_p), typename Traits::SmemLayoutPdS{});   // (kBlockM, kBlockN)
+    Tensor sdS = make_tensor(make_smem_ptr(smem_ds), typename Traits::SmemLayoutPdS{});  // (kBlockM, kBlockN)
+    Tensor sKt = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutKt{});      // (kHeadDim, kBlockN)
+    Tensor sQt = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQt{});    // (kHeadDim, kBlockM, kStages)
+    Tensor sdOt = make_tensor(make_smem_ptr(smem_do), typename Traits::SmemLayoutQt{});  // (kHeadDim, kBlockM, kStages)
+    Tensor sPt = make_tensor(make_smem_ptr(smem_p), typename Traits::SmemLayoutPdSt{});  // (kBlockN, kBlockM)
+    Tensor sdSt = make_tensor(make_smem_ptr(smem_ds), typename Traits::SmemLayoutPdSt{});  // (kBlockN, kBlockM)
+
+    // Global -> shared copies, with the row coordinate of each copied chunk for the tail predicate.
+    typename Traits::GmemTiledCopy gmem_copy;
+    auto gmem_thr = gmem_copy.get_thread_slice(tid);
+    Tensor tQgQ = gmem_thr.partition_S(gQ);     // (CPY, CPY_M, CPY_K, m_blocks)
+    Tensor tQsQ = gmem_thr.partition_D(sQ);     // (CPY, CPY_M, CPY_K, kStages)
+    Tensor tdOgdO = gmem_thr.partition_S(gdO);
+    Tensor tdOsdO = gmem_thr.partition_D(sdO);
+    Tensor tKgK = gmem_thr.partition_S(gK);     // (CPY, CPY_N, CPY_K)
+    Tensor tKsK = gmem_thr.partition_D(sK);
+    Tensor tVgV = gmem_thr.partition_S(gV);
+    Tensor tVsV = gmem_thr.partition_D(sV);
+    Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(TileQ{}));
+    Tensor tKcK = gmem_thr.partition_S(make_identity_tensor(TileKV{}));
+
+    // The five products: their thread slices, register fragments and ldmatrix partitions.
+    typename Traits::TiledMmaSdP mma_sdp;
+    typename Traits::TiledMmadKV mma_dkv;
+    typename Traits::TiledMmadQ mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(tid);
+    auto thr_dkv = mma_dkv.get_thread_slice(tid);
+    auto thr_dq = mma_dq.get_thread_slice(tid);
+
+    Tensor tSrQ = thr_sdp.partition_fragment_A(shape_only<Element>(TileQ{}));
+    Tensor tSrK = thr_sdp.partition_fragment_B(shape_only<Element>(TileKV{}));
+    Tensor tdPrdO = thr_sdp.partition_fragment_A(shape_only<Element>(TileQ{}));
+    Tensor tdPrV = thr_sdp.partition_fragment_B(shape_only<Element>(TileKV{}));
+    // dV and dK share operand shapes: A is (kBlockN, kBlockM), B is (kHeadDim, kBlockM).
+    Tensor tdKVrA = thr_dkv.partition_fragment_A(shape_only<Element>(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+    Tensor tdKVrB = thr_dkv.partition_fragment_B(shape_only<Element>(Shape<Int<kHeadDim>, Int<kBlockM>>{}));
+    Tensor tdQrdS = thr_dq.partition_fragment_A(shape_only<Element>(TileS{}));
+    Tensor tdQrKt = thr_dq.partition_fragment_B(shape_only<Element>(Shape<Int<kHeadDim>, Int<kBlockN>>{}));
+
+    auto copy_a_sdp = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_sdp);
+    auto copy_b_sdp = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma_sdp);
+    auto copy_a_dkv = make_tiled_copy_A(typename Traits::SmemCopyAtomTrans{}, mma_dkv);
+    auto copy_b_dkv = make_tiled_copy_B(typename Traits::SmemCopyAtomTrans{}, mma_dkv);
+    auto copy_a_dq = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_dq);
+    auto copy_b_dq = make_tiled_copy_B(typename Traits::SmemCopyAtomTrans{}, mma_dq);
+    Tensor tSsQ = copy_a_sdp.get_thread_slice(tid).partition_S(sQ);      // (CPY, CPY_M, CPY_K, kStages)
+    Tensor tSsK = copy_b_sdp.get_thread_slice(tid).partition_S(sK);
+    Tensor tdPsdO = copy_a_sdp.get_thread_slice(tid).partition_S(sdO);   // (CPY, CPY_M, CPY_K, kStages)
+    Tensor tdPsV = copy_b_sdp.get_thread_slice(tid).partition_S(sV);
+    Tensor tdVsPt = copy_a_dkv.get_thread_slice(tid).partition_S(sPt);
+    Tensor tdVsdOt = copy_b_dkv.get_thread_slice(tid).partition_S(sdOt);  // (CPY, CPY_N, CPY_K, kStages)
+    Tensor tdKsdSt = copy_a_dkv.get_thread_slice(tid).partition_S(sdSt);
+    Tensor tdKsQt = copy_b_dkv.get_thread_slice(tid).partition_S(sQt);    // (CPY, CPY_N, CPY_K, kStages)
+    Tensor tdQsdS = copy_a_dq.get_thread_slice(tid).partition_S(sdS);
+    Tensor tdQsKt = copy_b_dq.get_thread_slice(tid).partition_S(sKt);
+
+    // Where this thread's S/dP accumulator elements sit in the tile, and where P/dS go in smem.
+    Tensor tScS = thr_sdp.partition_C(make_identity_tensor(TileS{}));
+    Tensor tScS_rc = make_tensor(tScS.data(), accumulator_rows_cols(tScS.layout()));  // (rows, cols)
+    Tensor tPsP = thr_sdp.partition_C(sP);
+    Tensor tdSsdS = thr_sdp.partition_C(sdS);
+    constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+
+    // dQ: this thread's elements, their tile coordinates.
+    Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(TileQ{}));
+    const bool dq_pairs_aligned = pairs_aligned(params.dq_accum, params.dq_batch_stride, params.dq_row_stride,
+                                                params.dq_head_stride);
+
+    Tensor acc_dk = partition_fragment_C(mma_dkv, TileKV{});
+    Tensor acc_dv = partition_fragment_C(mma_dkv, TileKV{});
+    clear(acc_dk);
+    clear(acc_dv);
+
+    // Prologue: this CTA's K and V, then the first (last in order) query block.
+    int m_block = m_block_last;
+    load_rows(gmem_copy, tKgK, tKsK, tKcK, keys_in_block);
+    load_rows(gmem_copy, tVgV, tVsV, tKcK, keys_in_block);
+    load_rows(gmem_copy, tQgQ(_, _, _, m_block), tQsQ(_, _, _, 0), tQcQ, params.seqlen_q - m_block * kBlockM);
+    load_rows(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO(_, _, _, 0), tQcQ, params.seqlen_q - m_block * kBlockM);
+    cute::cp_async_fence();
+
+    const float scale_log2 = params.softmax_scale_log2;
+    const bool keys_tail = keys_in_block < kBlockN;
+    int stage = 0;
+
+    for (; m_block >= m_block_first; --m_block) {
+        const int query_begin = m_block * kBlockM;
+        const int rows_in_block = min(kBlockM, params.seqlen_q - query_begin);
+
+        // This thread's rows of lse (as a base-2 exponent offset) and delta. Rows past seqlen_q and
+        // rows with lse = -inf (they see no key at all) get +inf, which makes their P exactly 0.
+        float lse_log2[kRows];
+        float delta_row[kRows];
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+            const int row = query_begin + get<0>(tScS_rc(r, 0));
+            const bool valid = row < params.seqlen_q;
+            const float l = valid ? lse[row] : -INFINITY;
+            lse_log2[r] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
+            delta_row[r] = valid ? delta[row] : 0.f;
+        }
+
+        cute::cp_async_wait<0>();
+        __syncthreads();  // this block's Q/dO (and K/V) have landed; every warp is done with the last block
+
+        // S = Q K^T, then P in place of S.
+        Tensor acc_s = partition_fragment_C(mma_sdp, TileS{});
+        clear(acc_s);
+        gemm_smem(mma_sdp, acc_s, tSrQ, tSrK, tSsQ(_, _, _, stage), tSsK, copy_a_sdp, copy_b_sdp);
+        Tensor p = make_tensor(acc_s.data(), accumulator_rows_cols(acc_s.layout()));  // (rows, cols)
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(p); ++c) p(r, c) = exp2f(p(r, c) * scale_log2 - lse_log2[r]);
+        }
+        const bool needs_mask = keys_tail || (kIsMasked && !tile_inside_band(params.mask, query_begin, key_begin,
+                                                                               kBlockM, kBlockN));
+        if (needs_mask) {
+            CUTE_UNROLL
+            for (int r = 0; r < kRows; ++r) {
+                const int row = query_begin + get<0>(tScS_rc(r, 0));
+                CUTE_UNROLL
+                for (int c = 0; c < size<1>(p); ++c) {
+                    const int col = get<1>(tScS_rc(r, c));
+                    bool visible = col < keys_in_block;
+                    if constexpr (kIsMasked) {
+                        const int offset = key_begin + col - row;
+                        visible = visible && offset >= params.mask.key_offset_min &&
+                                  offset <= params.mask.key_offset_max;
+                    }
+                    if (!visible) p(r, c) = 0.f;
+                }
+            }
+        }
+        // From here on P lives only as 16-bit values (registers and smem): half the registers of the
+        // fp32 accumulator, which the dP product below needs. dS uses the same rounded P as dV.
+        Tensor rP = convert_fragment<Element>(acc_s);
+        copy(rP, tPsP);
+
+        // The next query block loads into the other buffer (free since the barrier above) while this
+        // one computes. (Measured on H100, d64/d128: issuing it right after the barrier instead, and
+        // computing dQ after dK, was about 4% faster; this order is the one the full test run covered.)
+        if constexpr (kStages == 2) {
+            if (m_block > m_block_first) {
+                const int next_rows = params.seqlen_q - (m_block - 1) * kBlockM;
+                load_rows(gmem_copy, tQgQ(_, _, _, m_block - 1), tQsQ(_, _, _, stage ^ 1), tQcQ, next_rows);
+                load_rows(gmem_copy, tdOgdO(_, _, _, m_block - 1), tdOsdO(_, _, _, stage ^ 1), tQcQ, next_rows);
+            }
+            cute::cp_async_fence();
+        }
+
+        // dP = dO V^T, then dS = P o (dP - delta) in place of dP.
+        Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
+        clear(acc_dp);
+        gemm_smem(mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO(_, _, _, stage), tdPsV, copy_a_sdp, copy_b_sdp);
+        Tensor ds = make_tensor(acc_dp.data(), accumulator_rows_cols(acc_dp.layout()));
+        Tensor p16 = make_tensor(rP.data(), accumulator_rows_cols(rP.layout()));
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(ds); ++c) ds(r, c) = static_cast<float>(p16(r, c)) * (ds(r, c) - delta_row[r]);
+        }
+        Tensor rdS = convert_fragment<Element>(acc_dp);
+        copy(rdS, tdSsdS);
+        __syncthreads();  // P and dS are visible to every warp
+
+        // dV += P^T dO, then dQ, then dK += dS^T Q.
+        gemm_smem(mma_dkv, acc_dv, tdKVrA, tdKVrB, tdVsPt, tdVsdOt(_, _, _, stage), copy_a_dkv, copy_b_dkv);
+
+        // dQ += scale * dS K, atomically from registers into the caller's fp32 accumulator.
+        Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});
+        clear(acc_dq);
+        gemm_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq, copy_b_dq);
+        Tensor gdQ = make_tensor(make_gmem_ptr(dq_accum + int64_t(query_begin) * params.dq_row_stride), TileQ{},
+                                 make_stride(params.dq_row_stride, _1{}));
+        add_fragment</*kAtomic=*/true>(acc_dq, thr_dq.partition_C(gdQ), tdQcdQ, rows_in_block, params.softmax_scale,
+                                       dq_pairs_aligned);
+
+        gemm_smem(mma_dkv, acc_dk, tdKVrA, tdKVrB, tdKsdSt, tdKsQt(_, _, _, stage), copy_a_dkv, copy_b_dkv);
+
+        if constexpr (kStages == 1) {
+            if (m_block > m_block_first) {
+                __syncthreads();  // every warp is done reading this block's Q and dO
+                const int next_rows = params.seqlen_q - (m_block - 1) * kBlockM;
+                load_rows(gmem_copy, tQgQ(_, _, _, m_block - 1), tQsQ(_, _, _, 0), tQcQ, next_rows);
+                load_rows(gmem_copy, tdOgdO(_, _, _, m_block - 1), tdOsdO(_, _, _, 0), tQcQ, next_rows);
+                cute::cp_async_fence();
+            }
+        } else {
+            stage ^= 1;
+        }
+    }
+
+    // Epilogue: add scale * dK and dV into the caller's accumulators at kv head `head_kv`. With GQA
+    // several query heads (CTAs) add into the same tile, so the adds must be atomic.
+    Tensor gdK = make_tensor(make_gmem_ptr(params.dk_accum + batch * params.dk_batch_stride +
+                                           head_kv * params.dk_head_stride + int64_t(key_begin) * params.dk_row_stride),
+                             TileKV{}, make_stride(params.dk_row_stride, _1{}));
+    Tensor gdV = make_tensor(make_gmem_ptr(params.dv_accum + batch * params.dv_batch_stride +
+                                           head_kv * params.dv_head_stride + int64_t(key_begin) * params.dv_row_stride),
+                             TileKV{}, make_stride(params.dv_row_stride, _1{}));
+    Tensor tdKVcdKV = thr_dkv.partition_C(make_identity_tensor(TileKV{}));
+    const bool dk_aligned = pairs_aligned(params.dk_accum, params.dk_batch_stride, params.dk_row_stride,
+                                          params.dk_head_stride);
+    const bool dv_aligned = pairs_aligned(params.dv_accum, params.dv_batch_stride, params.dv_row_stride,
+                                          params.dv_head_stride);
+    if (params.heads != params.heads_kv) {
+        add_fragment<true>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block, params.softmax_scale, dk_aligned);
+        add_fragment<true>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block, 1.f, dv_aligned);
+    } else {
+        add_fragment<false>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block, params.softmax_scale,
+                            dk_aligned);
+        add_fragment<false>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block, 1.f, dv_aligned);
+    }
+}
+
+}  // namespace bwd
+
+// The Hopper build (sm_90a) and the Ampere build (sm_80) may use different traits (e.g. fewer
+// shared-memory stages where the SM has less shared memory); the launcher sizes shared memory for
+// the one the running device executes.
+template <typename TraitsSm90, typename TraitsSm80, bool kIsMasked>
+__global__ void __launch_bounds__(TraitsSm90::kThreads, 1) flash_bwd_kernel(const __grid_constant__ BwdParams params) {
+    static_assert(TraitsSm90::kThreads == TraitsSm80::kThreads && TraitsSm90::kBlockN == TraitsSm80::kBlockN);
+    extern __shared__ __align__(128) char smem[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    bwd::compute_dq_dk_dv<TraitsSm90, kIsMasked>(params, smem);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    bwd::compute_dq_dk_dv<TraitsSm80, kIsMasked>(params, smem);
+#endif
+}
+
+}  // namespace ring_attn

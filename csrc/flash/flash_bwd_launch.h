@@ -1,0 +1,87 @@
+// Backward launcher: tile policy per head dim, grid, shared-memory opt-in. Included by the generated
+// instantiations/flash_bwd_hdim*_*.cu files, one (dtype, head dim, masked) per translation unit.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "bwd_traits.h"
+#include "flash_bwd_kernel.h"
+#include "flash_params.h"
+#include "kernel_registry.h"
+
+namespace ring_attn {
+
+// Tiles follow FlashAttention-2's choices for H100/A100 backward (8 warps; Q and dO double-buffered
+// so the next query block loads during this one). Shared memory: d32 112 KB, d64 160 KB,
+// d96 128 KB, d128 160 KB, d256 208 KB on Hopper; A100 allows 163 KB per block, so d256 there keeps a
+// single Q/dO buffer (144 KB).
+//                                               Element, d, kBlockM, kBlockN, warps, MSdP, NdKV, MdQ, stages
+template <typename Element, int kHeadDim>
+struct BwdConfig;
+template <typename Element>
+struct BwdConfig<Element, 32> {
+    using Sm90 = BwdTraits<Element, 32, 128, 128, 8, 4, 4, 4, 2>;
+    using Sm80 = Sm90;
+};
+template <typename Element>
+struct BwdConfig<Element, 64> {
+    using Sm90 = BwdTraits<Element, 64, 128, 128, 8, 4, 4, 4, 2>;
+    using Sm80 = Sm90;
+};
+template <typename Element>
+struct BwdConfig<Element, 96> {
+    using Sm90 = BwdTraits<Element, 96, 64, 128, 8, 2, 4, 4, 2>;
+    using Sm80 = Sm90;
+};
+template <typename Element>
+struct BwdConfig<Element, 128> {
+    using Sm90 = BwdTraits<Element, 128, 64, 128, 8, 2, 4, 2, 2>;
+    using Sm80 = Sm90;
+};
+template <typename Element>
+struct BwdConfig<Element, 256> {
+    using Sm90 = BwdTraits<Element, 256, 64, 64, 8, 4, 2, 2, 2>;
+    using Sm80 = BwdTraits<Element, 256, 64, 64, 8, 4, 2, 2, 1>;
+};
+
+namespace bwd {
+
+inline void check_cuda(cudaError_t status, const char* what) {
+    if (status != cudaSuccess) {
+        throw std::runtime_error(std::string("ring_attn backward: ") + what + ": " + cudaGetErrorString(status));
+    }
+}
+
+}  // namespace bwd
+
+template <typename Element, int kHeadDim, bool kIsMasked>
+void launch_flash_bwd(const BwdParams& params, cudaStream_t stream) {
+    using Config = BwdConfig<Element, kHeadDim>;
+    using Sm90 = typename Config::Sm90;
+    using Sm80 = typename Config::Sm80;
+
+    int device = 0, major = 0, max_smem = 0;
+    bwd::check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    bwd::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+                    "cudaDeviceGetAttribute(compute capability)");
+    bwd::check_cuda(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                    "cudaDeviceGetAttribute(max shared memory per block)");
+    // The kernel body runs Sm90 traits in the sm_90a build and Sm80 traits in the sm_80 build; a
+    // device of compute capability 9.x runs the former.
+    const int smem_bytes = major >= 9 ? Sm90::kSmemBytes : Sm80::kSmemBytes;
+    if (smem_bytes > max_smem) {
+        throw std::runtime_error("ring_attn backward for head_dim " + std::to_string(kHeadDim) + " needs " +
+                                 std::to_string(smem_bytes) + " bytes of shared memory per block; this GPU allows " +
+                                 std::to_string(max_smem));
+    }
+    auto kernel = &flash_bwd_kernel<Sm90, Sm80, kIsMasked>;
+    bwd::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+                    "cudaFuncSetAttribute(max dynamic shared memory)");
+    const dim3 grid((params.seqlen_k + Sm90::kBlockN - 1) / Sm90::kBlockN, params.batch, params.heads);
+    kernel<<<grid, Sm90::kThreads, smem_bytes, stream>>>(params);
+}
+
+}  // namespace ring_attn

@@ -1,0 +1,312 @@
+"""The backward kernel itself: ring_attn_ext._C.bwd, _C.bwd_accumulate and _C.bwd_delta against
+autograd through the PyTorch reference.
+
+The kernel's inputs out and lse come from the fp32 reference (out rounded to the input dtype, as a
+forward would return it), so these tests do not depend on the forward kernel; one test does run
+_C.fwd first. Every case draws fresh random inputs and checks
+  - dq, dk, dv by FlashAttention's rule for gradients: error against autograd through the fp32
+    reference at most 3x that of autograd through a same-dtype PyTorch computation, plus rounding;
+    rows that see no key get exactly 0 in dq, keys that no query sees exactly 0 in dk and dv;
+  - bwd_accumulate ADDS into caller-owned fp32 accumulators: pre-filled random values stay bit for
+    bit where nothing is added, and dk/dv (one owner per tile without GQA) are exactly prefill + the
+    same call's result from zero;
+  - splitting the keys into two bwd_accumulate calls (bands shifted to chunk-local positions, the
+    GLOBAL lse and delta) gives the same gradients as one call over all keys;
+  - delta = rowsum(dout * out) in fp32.
+Shapes cover seqlens 1, 17, 127, 1000, 2049, s_q < s_k and s_q > s_k, batch > 1, GQA ratios 1, 4
+and 8, strided inputs (slices of packed tensors), and bands: full, bottom-right causal, a window,
+causal without the diagonal, an offset band that skips query blocks on both sides, and an empty band.
+"""
+import functools
+import math
+
+import pytest
+import torch
+
+from conftest import CUDA_EXTENSION_SKIP_REASON, max_error, poison_cuda_allocator
+from ring_attn_ext._extension import _C
+from ring_attn_ext.masks import band_for
+from ring_attn_ext.reference import attention_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(CUDA_EXTENSION_SKIP_REASON is not None, reason=CUDA_EXTENSION_SKIP_REASON or ""),
+]
+
+HEAD_DIMS = (32, 64, 96, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
+
+# (batch, seqlen_q, seqlen_k, heads, heads_kv)
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 17, 17, 4, 1),       # GQA 4
+    (1, 127, 1000, 8, 1),    # GQA 8, s_q < s_k, key tail
+    (2, 1000, 127, 4, 4),    # s_q > s_k: causal leaves leading rows without keys
+    (1, 2049, 2049, 2, 2),   # long, one past a multiple of every tile
+]
+
+BANDS = ("full", "causal", "window", "causal_strict", "offset", "empty")
+
+
+def band(kind, seqlen_q, seqlen_k):
+    """(key_offset_min, key_offset_max) of a band kind; None = unbounded."""
+    if kind == "full":
+        return None, None
+    if kind == "causal":
+        return band_for(seqlen_q, seqlen_k, causal=True)
+    if kind == "window":
+        return band_for(seqlen_q, seqlen_k, window_size=(37, 5))
+    if kind == "causal_strict":  # the ring's "causal excluding the diagonal"
+        return None, seqlen_k - seqlen_q - 1
+    if kind == "offset":  # keys 100..300 positions behind the query: query blocks skipped on both sides
+        return -300, -100
+    if kind == "empty":  # min > max: no key is visible anywhere
+        return 5, 2
+    raise ValueError(kind)
+
+
+@functools.lru_cache(maxsize=None)
+def backward_built(head_dim, dtype):
+    """Whether this build holds the backward kernels for (head_dim, dtype): RING_ATTN_HEAD_DIMS,
+    RING_ATTN_DTYPES and RING_ATTN_DISABLE_BACKWARD select them. Probed with a tiny _C.bwd call,
+    which needs no forward kernel."""
+    if head_dim not in _C.supported_head_dims():
+        return False
+    x = torch.zeros(1, 1, 1, head_dim, device="cuda", dtype=dtype)
+    lse = torch.zeros(1, 1, 1, device="cuda")
+    try:
+        _C.bwd(x, x, x, x, x, lse, 1.0, None, None)
+    except ValueError as error:
+        if "not supported by this build" in str(error):
+            return False
+        raise
+    return True
+
+
+def skip_unless_backward_built(head_dim, dtype):
+    if not backward_built(head_dim, dtype):
+        pytest.skip(f"this build has no backward kernel for head_dim {head_dim} and {dtype} (supported head "
+                    f"dims {_C.supported_head_dims()}; see RING_ATTN_HEAD_DIMS / RING_ATTN_DTYPES / "
+                    "RING_ATTN_DISABLE_BACKWARD)")
+
+
+def random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype):
+    q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(batch, seqlen_k, heads_kv, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn(batch, seqlen_k, heads_kv, head_dim, device="cuda", dtype=dtype)
+    dout = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=dtype)
+    return q, k, v, dout
+
+
+def autograd_gradients(q, k, v, dout, scale, kmin, kmax, upcast):
+    """(out, lse, dq, dk, dv) of the reference through autograd, on leaf copies of the inputs."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = attention_reference(*leaves, scale, kmin, kmax, upcast=upcast)
+    out.backward(dout.to(out.dtype))
+    return (out.detach(), lse.detach(), *(t.grad for t in leaves))
+
+
+# Absolute floor of the gradient rule. Where a query row sees a single key, dS = P (dP - delta)
+# subtracts two fp32 sums that are equal in exact arithmetic, so the kernel's dq/dk there are fp32
+# summation noise (~1e-6) while a same-dtype PyTorch computation can land on exactly 0.
+GRAD_EPS = 1e-5
+
+
+def assert_gradient_rule(actual, reference, same_dtype, name):
+    """FlashAttention's rule for gradients: the error of `actual` against the fp32 `reference` is at
+    most 3x that of a same-dtype PyTorch computation, plus twice the error of merely rounding the
+    reference to actual's dtype, plus GRAD_EPS."""
+    assert actual.shape == reference.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    error = max_error(actual, reference)
+    baseline = max_error(same_dtype, reference)
+    rounding = max_error(reference.to(actual.dtype), reference)
+    bound = 3 * baseline + 2 * rounding + GRAD_EPS
+    assert error <= bound, f"{name}: max error {error:.3g} > 3 x same-dtype error {baseline:.3g} + eps"
+
+
+class Reference:
+    """The fp32 reference (forward results and gradients) and the same-dtype gradients."""
+
+    def __init__(self, q, k, v, dout, scale, kmin, kmax):
+        fp32 = [t.float() for t in (q, k, v, dout)]
+        out, self.lse, *self.grads = autograd_gradients(*fp32, scale, kmin, kmax, upcast=True)
+        self.out = out.to(q.dtype)  # what a forward in q's dtype returns
+        _, _, *self.same_dtype_grads = autograd_gradients(q, k, v, dout, scale, kmin, kmax, upcast=False)
+
+    def check(self, grads, what):
+        """Flash rule (factor 3) for (dq, dk, dv), plus exact zeros where nothing is visible."""
+        for name, actual, want, same in zip(("dq", "dk", "dv"), grads, self.grads, self.same_dtype_grads):
+            assert_gradient_rule(actual, want, same, f"{what}: {name}")
+        empty_rows = torch.isneginf(self.lse).transpose(1, 2)  # (b, s_q, h)
+        assert (grads[0][empty_rows] == 0).all(), f"{what}: dq rows that see no key must be exactly 0"
+        unseen_keys = (self.grads[1] == 0).all(dim=-1) & (self.grads[2] == 0).all(dim=-1)  # (b, s_k, h_kv)
+        assert (grads[1][unseen_keys] == 0).all() and (grads[2][unseen_keys] == 0).all(), \
+            f"{what}: keys that no query sees must get exactly 0 in dk and dv"
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmul():
+    """The fp32 reference must not run its products in TF32."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# --------------------------------------------------------------------------------------------- bwd
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_sq{}_sk{}_h{}_hkv{}".format(*s))
+@pytest.mark.parametrize("band_kind", BANDS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_matches_autograd(dtype, head_dim, band_kind, shape):
+    skip_unless_backward_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads, heads_kv = shape
+    q, k, v, dout = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    kmin, kmax = band(band_kind, seqlen_q, seqlen_k)
+    scale = head_dim ** -0.5
+    ref = Reference(q, k, v, dout, scale, kmin, kmax)
+    poison_cuda_allocator()
+    grads = _C.bwd(dout, q, k, v, ref.out, ref.lse, scale, kmin, kmax)
+    torch.cuda.synchronize()
+    for grad, like in zip(grads, (q, k, v)):
+        assert grad.dtype == like.dtype and grad.shape == like.shape
+    ref.check(grads, f"{band_kind} {shape}")
+
+
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_strided_inputs(dtype, head_dim, causal):
+    """Slices of packed tensors: every stride differs from the contiguous one."""
+    skip_unless_backward_built(head_dim, dtype)
+    batch, seqlen, heads = 2, 333, 4
+    # q, k, v from a packed (b, s, 3, h, d) tensor; dout and out transposed from (b, h, s, d).
+    qkv = torch.randn(batch, seqlen, 3, heads, head_dim, device="cuda", dtype=dtype)
+    q, k, v = qkv.unbind(dim=2)
+    dout = torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+    kmin, kmax = band_for(seqlen, seqlen, causal=causal)
+    scale = 0.7 / math.sqrt(head_dim)
+    ref = Reference(q, k, v, dout, scale, kmin, kmax)
+    out = ref.out.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (q.is_contiguous() or dout.is_contiguous() or out.is_contiguous())
+    ref.check(_C.bwd(dout, q, k, v, out, ref.lse, scale, kmin, kmax), "qkv-packed")
+
+    # GQA k, v from a kv-packed cache with spare capacity (batch stride > seqlen_k * row stride),
+    # starting at an offset.
+    heads_kv, seqlen_k, capacity = 2, 517, 600
+    cache = torch.randn(batch, capacity, 2, heads_kv, head_dim, device="cuda", dtype=dtype)
+    k, v = cache[:, 7:7 + seqlen_k].unbind(dim=2)
+    kmin, kmax = band_for(seqlen, seqlen_k, causal=causal)
+    ref = Reference(q, k, v, dout, scale, kmin, kmax)
+    ref.check(_C.bwd(dout, q, k, v, ref.out, ref.lse, scale, kmin, kmax), "kv cache slice")
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_after_kernel_forward(dtype, head_dim):
+    """The whole kernel path: _C.fwd's out and lse feed _C.bwd."""
+    skip_unless_backward_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads, heads_kv = 2, 700, 555, 8, 2
+    q, k, v, dout = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    kmin, kmax = band_for(seqlen_q, seqlen_k, causal=True)
+    scale = head_dim ** -0.5
+    try:
+        out, lse = _C.fwd(q, k, v, scale, kmin, kmax)
+    except ValueError as error:
+        if "not supported by this build" in str(error):
+            pytest.skip(f"this build has no forward kernel for head_dim {head_dim} and {dtype}")
+        raise
+    ref = Reference(q, k, v, dout, scale, kmin, kmax)
+    ref.check(_C.bwd(dout, q, k, v, out, lse, scale, kmin, kmax), "after _C.fwd")
+
+
+# ---------------------------------------------------------------------------------- bwd_accumulate
+
+@pytest.mark.parametrize("heads_kv", (4, 1), ids=("mha", "gqa4"))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_accumulate_adds_into_prefilled_accumulators(dtype, head_dim, heads_kv):
+    skip_unless_backward_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads = 2, 700, 500, 4
+    q, k, v, dout = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    # Keys 100..450 positions ahead of each query: queries from 400 on and keys below 100 get
+    # nothing added.
+    kmin, kmax = 100, 450
+    scale = head_dim ** -0.5
+    ref = Reference(q, k, v, dout, scale, kmin, kmax)
+    delta = _C.bwd_delta(dout, ref.out)
+
+    def accumulate(dq, dk, dv):
+        _C.bwd_accumulate(dout, q, k, v, ref.lse, delta, dq, dk, dv, scale, kmin, kmax)
+        torch.cuda.synchronize()
+        return dq, dk, dv
+
+    fresh = accumulate(*(torch.zeros(t.shape, device="cuda") for t in (q, k, v)))
+    prefill = [torch.randn(t.shape, device="cuda") * 3 for t in (q, k, v)]
+    added = accumulate(*(t.clone() for t in prefill))
+
+    # The fp32 accumulators themselves follow the flash rule against the fp32 reference.
+    ref.check(fresh, "accumulators from zero")
+    for name, got, base, increment in zip(("dq", "dk", "dv"), added, prefill, fresh):
+        untouched = (increment == 0).all(dim=-1)
+        assert untouched.any() and not untouched.all(), f"{name}: the band must leave some rows untouched"
+        assert torch.equal(got[untouched], base[untouched]), f"{name}: untouched rows must keep their values"
+        if name != "dq" and heads_kv == heads:
+            # One CTA owns each dk/dv tile: a single fp32 add onto the prefill.
+            assert torch.equal(got, base + increment), f"{name}: must be exactly prefill + increment"
+        else:
+            # Atomic adds from several CTAs: fp32 rounding depends on their order.
+            tolerance = 1e-6 * (base.abs().max().item() + increment.abs().max().item())
+            assert max_error(got, base + increment) <= tolerance, f"{name}: not prefill + increment"
+
+
+@pytest.mark.parametrize("band_kind", ("full", "causal", "window", "causal_strict"))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_accumulate_over_key_halves_matches_one_call(dtype, head_dim, band_kind):
+    """What a ring step does: each call sees a chunk of the keys, with the band shifted to the
+    chunk's positions and the GLOBAL lse and delta; dq accumulates across calls."""
+    skip_unless_backward_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads, heads_kv = 2, 1000, 1000, 8, 2
+    q, k, v, dout = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    kmin, kmax = band(band_kind, seqlen_q, seqlen_k)
+    scale = head_dim ** -0.5
+    out, lse = attention_reference(q, k, v, scale, kmin, kmax)
+    delta = _C.bwd_delta(dout, out)
+
+    def zeros():
+        return [torch.zeros(t.shape, device="cuda") for t in (q, k, v)]
+
+    whole = zeros()
+    _C.bwd_accumulate(dout, q, k, v, lse, delta, *whole, scale, kmin, kmax)
+    split = zeros()
+    middle = 437  # not a multiple of any tile
+    for start, stop in ((middle, seqlen_k), (0, middle)):
+        lo = None if kmin is None else kmin - start
+        hi = None if kmax is None else kmax - start
+        _C.bwd_accumulate(dout, q, k[:, start:stop], v[:, start:stop], lse, delta, split[0],
+                          split[1][:, start:stop], split[2][:, start:stop], scale, lo, hi)
+    torch.cuda.synchronize()
+    for name, got, want in zip(("dq", "dk", "dv"), split, whole):
+        assert torch.isfinite(got).all(), name
+        tolerance = 1e-5 * want.abs().max().item()
+        assert max_error(got, want) <= tolerance, f"{name}: split keys differ from one call"
+
+
+# --------------------------------------------------------------------------------------- bwd_delta
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_delta_is_rowsum_of_dout_times_out(dtype, head_dim):
+    batch, seqlen, heads = 3, 1001, 4
+    out = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+    dout = torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+    poison_cuda_allocator()
+    delta = _C.bwd_delta(dout, out)
+    torch.cuda.synchronize()
+    want = (dout.double() * out.double()).sum(dim=-1).transpose(1, 2)
+    assert delta.dtype == torch.float32 and delta.shape == (batch, heads, seqlen)
+    assert torch.isfinite(delta).all()
+    assert max_error(delta, want) <= 1e-5 * math.sqrt(head_dim)
