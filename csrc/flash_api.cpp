@@ -22,7 +22,7 @@ constexpr int64_t kAlignmentBytes = 16;
 DType to_dtype(const at::Tensor& t, const char* name) {
     if (t.scalar_type() == at::kHalf) return DType::kFloat16;
     if (t.scalar_type() == at::kBFloat16) return DType::kBFloat16;
-    TORCH_CHECK_TYPE(false, name, " must be float16 or bfloat16, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(false, name, " must be float16 or bfloat16, got ", c10::toString(t.scalar_type()));
 }
 
 void check_cuda_4d(const at::Tensor& t, const char* name, const at::Tensor& like_device) {
@@ -43,7 +43,7 @@ void check_cuda_4d(const at::Tensor& t, const char* name, const at::Tensor& like
 }
 
 void check_fp32(const at::Tensor& t, const char* name, const at::Tensor& like_device) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", c10::toString(t.scalar_type()));
     TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like_device.device(), name, " must be on ",
                       like_device.device());
     TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dimension");
@@ -62,8 +62,8 @@ Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
     check_cuda_4d(k, "k", q);
     check_cuda_4d(v, "v", q);
     TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                     "q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-                     v.scalar_type());
+                     "q, k and v must have the same dtype, got ", c10::toString(q.scalar_type()), ", ", c10::toString(k.scalar_type()), ", ",
+                     c10::toString(v.scalar_type()));
     Dims d{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
            static_cast<int>(q.size(2)), static_cast<int>(k.size(2)), static_cast<int>(q.size(3))};
     TORCH_CHECK_VALUE(d.batch > 0, "batch size must be positive, got ", d.batch);
@@ -116,15 +116,16 @@ void fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::
 
 FwdLauncher fwd_launcher_for(const at::Tensor& q, const Dims& d, const MaskBand& band) {
     FwdLauncher launcher = find_fwd_launcher(kernel_key(q, d, band.is_masked));
-    TORCH_CHECK_VALUE(launcher != nullptr, "head_dim ", d.head_dim, " with dtype ", q.scalar_type(),
+    TORCH_CHECK_VALUE(launcher != nullptr, "head_dim ", d.head_dim, " with dtype ", c10::toString(q.scalar_type()),
                       " is not supported by this build; compiled head dims: ", head_dims_text());
     return launcher;
 }
 
 BwdLauncher bwd_launcher_for(const at::Tensor& q, const Dims& d, const MaskBand& band) {
     BwdLauncher launcher = find_bwd_launcher(kernel_key(q, d, band.is_masked));
-    TORCH_CHECK_VALUE(launcher != nullptr, "backward for head_dim ", d.head_dim, " with dtype ", q.scalar_type(),
-                      " is not supported by this build; compiled head dims: ", head_dims_text());
+    TORCH_CHECK_VALUE(launcher != nullptr, "backward for head_dim ", d.head_dim, " with dtype ",
+                      c10::toString(q.scalar_type()), " is not supported by this build; compiled head dims: ",
+                      head_dims_text());
     return launcher;
 }
 
@@ -193,7 +194,7 @@ at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
     check_cuda_4d(dout, "dout", out);
     check_shape(dout, "dout", out.sizes());
     TORCH_CHECK_TYPE(dout.scalar_type() == out.scalar_type(), "dout must have the dtype of out (",
-                     out.scalar_type(), "), got ", dout.scalar_type());
+                     c10::toString(out.scalar_type()), "), got ", c10::toString(dout.scalar_type()));
     const DType dtype = to_dtype(out, "out");
     c10::cuda::CUDAGuard guard(out.device());
     at::Tensor delta = at::empty({out.size(0), out.size(2), out.size(1)}, out.options().dtype(at::kFloat));
@@ -277,6 +278,14 @@ std::vector<int64_t> supported_head_dims() {
     std::vector<int64_t> dims;
     for (int dim : compiled_head_dims()) dims.push_back(dim);
     return dims;
+}
+
+std::vector<std::tuple<std::string, int64_t, std::string, bool>> compiled_kernel_list() {
+    std::vector<std::tuple<std::string, int64_t, std::string, bool>> list;
+    for (const CompiledKernel& kernel : compiled_kernels()) {
+        list.emplace_back(kernel.direction, kernel.head_dim, kernel.dtype, kernel.is_masked);
+    }
+    return list;
 }
 
 }  // namespace ring_attn

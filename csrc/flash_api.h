@@ -48,4 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout,
 // Head dims this build compiled (RING_ATTN_HEAD_DIMS at build time).
 std::vector<int64_t> supported_head_dims();
 
+// (direction "fwd"/"bwd", head_dim, dtype "float16"/"bfloat16", is_masked) for every compiled kernel.
+std::vector<std::tuple<std::string, int64_t, std::string, bool>> compiled_kernel_list();
+
 }  // namespace ring_attn

@@ -24,5 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("softmax_scale"),
           py::arg("key_offset_min"), py::arg("key_offset_max"));
     m.def("supported_head_dims", &supported_head_dims, "Head dims compiled into this build");
+    m.def("compiled_kernels", &compiled_kernel_list,
+          "(direction, head_dim, dtype, is_masked) of every kernel compiled into this build");
     register_ring_bindings(m);
 }

@@ -144,9 +144,14 @@ def check_deterministic(deterministic, device):
                                   "adds); pass deterministic=False (CPU tensors are always deterministic)")
 
 
-def check_device_support(shape, device, what):
-    """CUDA tensors need the compiled extension with a kernel for this head_dim; other devices run
-    the PyTorch reference, which supports any head_dim. Returns the extension module or None."""
+_KERNEL_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def check_device_support(shape, device, what, dtype=None, backward=True):
+    """CUDA tensors need the compiled extension with kernels for this head_dim and dtype (forward,
+    and backward when gradients may be needed); other devices run the PyTorch reference, which
+    supports any head_dim. Returns the extension module or None. Checked here, against the build's
+    kernel list, so an uncompiled combination never reaches the C++ layer."""
     if device.type != "cuda":
         return None
     ext = require_extension(what)
@@ -154,6 +159,13 @@ def check_device_support(shape, device, what):
     if shape.head_dim not in supported:
         raise ValueError(f"head_dim {shape.head_dim} is not supported on CUDA by this build; compiled head dims: "
                          f"{supported} (rebuild with RING_ATTN_HEAD_DIMS including it, or use CPU tensors)")
+    if dtype in _KERNEL_DTYPE_NAMES:
+        built = {(direction, head_dim, name) for direction, head_dim, name, _ in ext.compiled_kernels()}
+        for direction in ("fwd", "bwd") if backward else ("fwd",):
+            if (direction, shape.head_dim, _KERNEL_DTYPE_NAMES[dtype]) not in built:
+                raise ValueError(f"this build has no {'forward' if direction == 'fwd' else 'backward'} kernel for "
+                                 f"head_dim {shape.head_dim} and dtype {dtype} (rebuild with RING_ATTN_DTYPES / "
+                                 "RING_ATTN_HEAD_DIMS including it, and without RING_ATTN_DISABLE_BACKWARD=1)")
     return ext
 
 

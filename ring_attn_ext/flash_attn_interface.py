@@ -103,7 +103,8 @@ def _validate(what, q, k, v, names, dropout_p, softmax_scale, causal, window_siz
     softmax_scale, window = checks.check_options(shape.head_dim, dropout_p, softmax_scale, causal, window_size,
                                                  softcap, alibi_slopes, deterministic, return_attn_probs)
     checks.check_deterministic(deterministic, q.device)
-    ext = checks.check_device_support(shape, q.device, what)
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    ext = checks.check_device_support(shape, q.device, what, q.dtype, backward=needs_backward)
     return ext, softmax_scale, band_for(shape.seqlen_q, shape.seqlen_k, causal, window)
 
 

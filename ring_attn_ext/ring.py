@@ -85,7 +85,9 @@ def check_call(operation, q, k, v, ring_group, causal, softmax_scale, layout, wi
     scale = checks.check_softmax_scale(softmax_scale, shape.head_dim)
     window = check_window_size(window_size)
     check_layout(layout)
-    checks.check_device_support(shape, q.device, "ring attention on CUDA tensors")
+    checks.check_device_support(shape, q.device, "ring attention on CUDA tensors", q.dtype,
+                                backward=operation == "backward" or (torch.is_grad_enabled() and any(
+                                    t.requires_grad for t in (q, k, v))))
     if ring_group.world_size > 1 and not q.is_cuda and not backend_supports_cpu(ring_group.group):
         raise ValueError(f"ring attention on {q.device.type} tensors runs over torch.distributed and needs a process "
                          f"group with a CPU backend such as gloo; this group's backend is "

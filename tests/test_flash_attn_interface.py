@@ -187,6 +187,10 @@ class ReferenceExtension:
     def supported_head_dims(self):
         return [8]
 
+    def compiled_kernels(self):
+        return [(direction, 8, dtype, masked) for direction in ("fwd", "bwd") for dtype in ("float16", "bfloat16")
+                for masked in (False, True)]
+
     def _check(self, *tensors):
         assert all(checks.is_kernel_compatible(t) and t.dtype == tensors[0].dtype for t in tensors)
 
@@ -224,7 +228,7 @@ def test_kernel_path_plumbing(monkeypatch, variant):
     kwargs = dict(softmax_scale=0.3, causal=True, window_size=(2, -1))
 
     ext = ReferenceExtension()
-    monkeypatch.setattr(checks, "check_device_support", lambda shape, device, what: ext)
+    monkeypatch.setattr(checks, "check_device_support", lambda shape, device, what, dtype, backward: ext)
     out, grads = grads_of(lambda *t: fn(*t, **kwargs), inputs, dout)
     band = band_for(9, seqlen_k, True, (2, -1))
     assert ext.calls == [("fwd", 0.3, *band), ("bwd", 0.3, *band)]

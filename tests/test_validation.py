@@ -198,6 +198,9 @@ class _ExtensionWithHeadDims:
     def supported_head_dims(self):
         return [64, 128]
 
+    def compiled_kernels(self):  # a build with RING_ATTN_DTYPES=fp16 and RING_ATTN_DISABLE_BACKWARD=1
+        return [("fwd", head_dim, "float16", masked) for head_dim in (64, 128) for masked in (False, True)]
+
 
 def test_cuda_head_dim_must_be_compiled(monkeypatch):
     monkeypatch.setattr(checks, "require_extension", lambda what: _ExtensionWithHeadDims())
@@ -241,3 +244,15 @@ def test_kernel_compatible_copies_what_the_kernels_cannot_read(what):
     copy = checks.kernel_compatible(t)
     assert copy is not t and checks.is_kernel_compatible(copy) and copy.is_contiguous()
     assert torch.equal(copy, t)
+
+
+def test_cuda_dtype_and_direction_must_be_compiled(monkeypatch):
+    monkeypatch.setattr(checks, "require_extension", lambda what: _ExtensionWithHeadDims())
+    shape = checks.QKVShape(1, 4, 4, 2, 2, 64)
+    cuda = torch.device("cuda")
+    with raises(ValueError, "this build has no forward kernel for head_dim 64 and dtype torch.bfloat16"):
+        checks.check_device_support(shape, cuda, "flash_attn_func", torch.bfloat16, backward=False)
+    with raises(ValueError, "this build has no backward kernel for head_dim 64 and dtype torch.float16"):
+        checks.check_device_support(shape, cuda, "flash_attn_func", torch.float16, backward=True)
+    assert isinstance(checks.check_device_support(shape, cuda, "x", torch.float16, backward=False),
+                      _ExtensionWithHeadDims)

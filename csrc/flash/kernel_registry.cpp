@@ -47,6 +47,17 @@ std::vector<int> compiled_head_dims() {
     return dims;
 }
 
+std::vector<CompiledKernel> compiled_kernels() {
+    std::vector<CompiledKernel> kernels;
+    auto add = [&kernels](const char* direction, const Key& key) {
+        kernels.push_back({direction, std::get<0>(key), dtype_name(static_cast<DType>(std::get<1>(key))),
+                           std::get<2>(key)});
+    };
+    for (const auto& entry : fwd_table()) add("fwd", entry.first);
+    for (const auto& entry : bwd_table()) add("bwd", entry.first);
+    return kernels;
+}
+
 std::string dtype_name(DType dtype) { return dtype == DType::kFloat16 ? "float16" : "bfloat16"; }
 
 }  // namespace ring_attn

@@ -33,6 +33,15 @@ BwdLauncher find_bwd_launcher(KernelKey key);
 
 // Head dims with at least one forward instantiation, ascending (for error messages).
 std::vector<int> compiled_head_dims();
+
+struct CompiledKernel {
+    std::string direction;  // "fwd" or "bwd"
+    int head_dim;
+    std::string dtype;      // dtype_name()
+    bool is_masked;
+};
+// Every instantiation in this build, so callers can check availability without calling a kernel.
+std::vector<CompiledKernel> compiled_kernels();
 std::string dtype_name(DType dtype);
 
 // Registers a launcher from a file-scope static initializer.

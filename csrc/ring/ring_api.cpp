@@ -1,6 +1,6 @@
 #include "ring/ring_api.h"
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
@@ -31,9 +31,9 @@ void check_operand(const at::Tensor& t, const std::string& name, const at::Tenso
     TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
     TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
     TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
-                     " must be float16 or bfloat16, got ", t.scalar_type());
-    TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(), ", got ",
-                     t.scalar_type());
+                     " must be float16 or bfloat16, got ", c10::toString(t.scalar_type()));
+    TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have dtype ", c10::toString(like.scalar_type()), ", got ",
+                     c10::toString(t.scalar_type()));
     TORCH_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (batch, seqlen, heads, head_dim), got shape ",
                       t.sizes());
     TORCH_CHECK_VALUE(t.stride(3) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
@@ -73,7 +73,7 @@ void check_backward_operands(const at::Tensor& dout, const at::Tensor& q, const 
     check_shape(dout, dout_name, q.sizes());
     check_shape(out, out_name, q.sizes());
     TORCH_CHECK_VALUE(lse.defined(), lse_name, " must be a tensor, got None");
-    TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, lse_name, " must be float32, got ", lse.scalar_type());
+    TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, lse_name, " must be float32, got ", c10::toString(lse.scalar_type()));
     TORCH_CHECK_VALUE(lse.device() == q.device(), lse_name, " must be on ", q.device(), ", got ", lse.device());
     check_shape(lse, lse_name, {q.size(0), q.size(2), q.size(1)});
     TORCH_CHECK_VALUE(lse.stride(2) == 1, lse_name, " must have a contiguous last dimension (stride 1)");
@@ -93,7 +93,7 @@ void check_kernels(const at::Tensor& q, bool backward) {
         const KernelKey key{head_dim, dtype, masked};
         const bool found = backward ? find_bwd_launcher(key) != nullptr : find_fwd_launcher(key) != nullptr;
         TORCH_CHECK_VALUE(found, backward ? "backward " : "forward ", "kernels for head_dim ", head_dim,
-                          " with dtype ", q.scalar_type(), " are not compiled into this build (see ",
+                          " with dtype ", c10::toString(q.scalar_type()), " are not compiled into this build (see ",
                           "RING_ATTN_HEAD_DIMS, RING_ATTN_DTYPES and RING_ATTN_DISABLE_BACKWARD)");
     }
 }
@@ -135,7 +135,7 @@ struct VirtualRanks {
 };
 
 VirtualRanks start_virtual_ranks(size_t world_size, c10::DeviceIndex device) {
-    VirtualRanks ranks{at::cuda::getCurrentCUDAStream(device), {}, {}};
+    VirtualRanks ranks{c10::cuda::getCurrentCUDAStream(device), {}, {}};
     CudaEvent inputs_ready;
     inputs_ready.record(ranks.caller);
     for (size_t rank = 0; rank < world_size; ++rank) {
@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> ring_fwd(const at::Tensor& q, const at::Tenso
     check_kernels(q, /*backward=*/false);
     const RingPlan ring_plan = checked_plan(plan, comm, q, k);
     c10::cuda::CUDAGuard guard(q.device());
-    const c10::cuda::CUDAStream compute = at::cuda::getCurrentCUDAStream();
+    const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream();
     RingForward machine(q, k, v, ring_plan, softmax_scale, compute, comm != nullptr ? comm->stream() : compute);
     run_nccl_ring(machine, comm);
     return machine.finish();
@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_bwd(const at::Tensor& dout, 
     check_kernels(q, /*backward=*/true);
     const RingPlan ring_plan = checked_plan(plan, comm, q, k);
     c10::cuda::CUDAGuard guard(q.device());
-    const c10::cuda::CUDAStream compute = at::cuda::getCurrentCUDAStream();
+    const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream();
     RingBackward machine(dout, q, k, v, out, lse, ring_plan, softmax_scale, compute,
                          comm != nullptr ? comm->stream() : compute);
     run_nccl_ring(machine, comm);
