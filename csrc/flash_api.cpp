@@ -1,4 +1,5 @@
 #include "flash_api.h"
+#include "check_message.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,35 +23,35 @@ constexpr int64_t kAlignmentBytes = 16;
 DType to_dtype(const at::Tensor& t, const char* name) {
     if (t.scalar_type() == at::kHalf) return DType::kFloat16;
     if (t.scalar_type() == at::kBFloat16) return DType::kBFloat16;
-    TORCH_CHECK_TYPE(false, name, " must be float16 or bfloat16, got ", c10::toString(t.scalar_type()));
+    RA_CHECK_TYPE(false, name, " must be float16 or bfloat16, got ", t.scalar_type());
 }
 
 void check_cuda_4d(const at::Tensor& t, const char* name, const at::Tensor& like_device) {
-    TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor");
-    TORCH_CHECK_VALUE(t.device() == like_device.device(), name, " must be on ", like_device.device(), ", got ",
+    RA_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor");
+    RA_CHECK_VALUE(t.device() == like_device.device(), name, " must be on ", like_device.device(), ", got ",
                       t.device());
-    TORCH_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (batch, seqlen, heads, head_dim), got shape ",
+    RA_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (batch, seqlen, heads, head_dim), got shape ",
                       t.sizes());
-    TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
+    RA_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
                       t.stride(-1));
     const int64_t element_bytes = t.element_size();
-    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlignmentBytes == 0, name,
+    RA_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlignmentBytes == 0, name,
                       " must start at a 16-byte aligned address");
     for (int dim = 0; dim < 3; ++dim) {
-        TORCH_CHECK_VALUE((t.stride(dim) * element_bytes) % kAlignmentBytes == 0 || t.size(dim) == 1, name,
+        RA_CHECK_VALUE((t.stride(dim) * element_bytes) % kAlignmentBytes == 0 || t.size(dim) == 1, name,
                           " stride ", t.stride(dim), " of dimension ", dim, " is not a multiple of 16 bytes");
     }
 }
 
 void check_fp32(const at::Tensor& t, const char* name, const at::Tensor& like_device) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", c10::toString(t.scalar_type()));
-    TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like_device.device(), name, " must be on ",
+    RA_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+    RA_CHECK_VALUE(t.is_cuda() && t.device() == like_device.device(), name, " must be on ",
                       like_device.device());
-    TORCH_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dimension");
+    RA_CHECK_VALUE(t.stride(-1) == 1, name, " must have a contiguous last dimension");
 }
 
 void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
-    TORCH_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+    RA_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
 }
 
 struct Dims {
@@ -61,13 +62,13 @@ Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
     check_cuda_4d(q, "q", q);
     check_cuda_4d(k, "k", q);
     check_cuda_4d(v, "v", q);
-    TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                     "q, k and v must have the same dtype, got ", c10::toString(q.scalar_type()), ", ", c10::toString(k.scalar_type()), ", ",
-                     c10::toString(v.scalar_type()));
+    RA_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                     "q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                     v.scalar_type());
     Dims d{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
            static_cast<int>(q.size(2)), static_cast<int>(k.size(2)), static_cast<int>(q.size(3))};
-    TORCH_CHECK_VALUE(d.batch > 0, "batch size must be positive, got ", d.batch);
-    TORCH_CHECK_VALUE(d.heads_kv > 0 && d.heads % d.heads_kv == 0, "the number of heads in k and v (", d.heads_kv,
+    RA_CHECK_VALUE(d.batch > 0, "batch size must be positive, got ", d.batch);
+    RA_CHECK_VALUE(d.heads_kv > 0 && d.heads % d.heads_kv == 0, "the number of heads in k and v (", d.heads_kv,
                       ") must divide the number of heads in q (", d.heads, ")");
     check_shape(k, "k", {d.batch, d.seqlen_k, d.heads_kv, d.head_dim});
     check_shape(v, "v", {d.batch, d.seqlen_k, d.heads_kv, d.head_dim});
@@ -116,21 +117,21 @@ void fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::
 
 FwdLauncher fwd_launcher_for(const at::Tensor& q, const Dims& d, const MaskBand& band) {
     FwdLauncher launcher = find_fwd_launcher(kernel_key(q, d, band.is_masked));
-    TORCH_CHECK_VALUE(launcher != nullptr, "head_dim ", d.head_dim, " with dtype ", c10::toString(q.scalar_type()),
+    RA_CHECK_VALUE(launcher != nullptr, "head_dim ", d.head_dim, " with dtype ", q.scalar_type(),
                       " is not supported by this build; compiled head dims: ", head_dims_text());
     return launcher;
 }
 
 BwdLauncher bwd_launcher_for(const at::Tensor& q, const Dims& d, const MaskBand& band) {
     BwdLauncher launcher = find_bwd_launcher(kernel_key(q, d, band.is_masked));
-    TORCH_CHECK_VALUE(launcher != nullptr, "backward for head_dim ", d.head_dim, " with dtype ",
-                      c10::toString(q.scalar_type()), " is not supported by this build; compiled head dims: ",
+    RA_CHECK_VALUE(launcher != nullptr, "backward for head_dim ", d.head_dim, " with dtype ",
+                      q.scalar_type(), " is not supported by this build; compiled head dims: ",
                       head_dims_text());
     return launcher;
 }
 
 void check_scale(double softmax_scale) {
-    TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be a positive finite "
+    RA_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be a positive finite "
                       "number, got ", softmax_scale);
 }
 
@@ -193,8 +194,8 @@ at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
     check_cuda_4d(out, "out", out);
     check_cuda_4d(dout, "dout", out);
     check_shape(dout, "dout", out.sizes());
-    TORCH_CHECK_TYPE(dout.scalar_type() == out.scalar_type(), "dout must have the dtype of out (",
-                     c10::toString(out.scalar_type()), "), got ", c10::toString(dout.scalar_type()));
+    RA_CHECK_TYPE(dout.scalar_type() == out.scalar_type(), "dout must have the dtype of out (",
+                     out.scalar_type(), "), got ", dout.scalar_type());
     const DType dtype = to_dtype(out, "out");
     c10::cuda::CUDAGuard guard(out.device());
     at::Tensor delta = at::empty({out.size(0), out.size(2), out.size(1)}, out.options().dtype(at::kFloat));
@@ -220,7 +221,7 @@ void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at:
     check_scale(softmax_scale);
     check_cuda_4d(dout, "dout", q);
     check_shape(dout, "dout", q.sizes());
-    TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
+    RA_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
     check_fp32(lse, "lse", q);
     check_fp32(delta, "delta", q);
     check_shape(lse, "lse", {d.batch, d.heads, d.seqlen_q});

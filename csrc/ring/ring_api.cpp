@@ -1,4 +1,5 @@
 #include "ring/ring_api.h"
+#include "../check_message.h"
 
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,27 +28,27 @@ std::string shard_name(const char* name, std::optional<size_t> index) {
 
 // A (b, s, heads, d) operand of the kernels, on `like`'s device with `like`'s dtype.
 void check_operand(const at::Tensor& t, const std::string& name, const at::Tensor& like) {
-    TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
-    TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
-    TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
-                     " must be float16 or bfloat16, got ", c10::toString(t.scalar_type()));
-    TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have dtype ", c10::toString(like.scalar_type()), ", got ",
-                     c10::toString(t.scalar_type()));
-    TORCH_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (batch, seqlen, heads, head_dim), got shape ",
+    RA_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
+    RA_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+    RA_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
+    RA_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
+                     " must be float16 or bfloat16, got ", t.scalar_type());
+    RA_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(), ", got ",
+                     t.scalar_type());
+    RA_CHECK_VALUE(t.dim() == 4, name, " must have 4 dimensions (batch, seqlen, heads, head_dim), got shape ",
                       t.sizes());
-    TORCH_CHECK_VALUE(t.stride(3) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
+    RA_CHECK_VALUE(t.stride(3) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
                       t.stride(3));
-    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlignmentBytes == 0, name,
+    RA_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlignmentBytes == 0, name,
                       " must start at a 16-byte aligned address");
     for (int dim = 0; dim < 3; ++dim) {
-        TORCH_CHECK_VALUE(t.size(dim) == 1 || (t.stride(dim) * t.element_size()) % kAlignmentBytes == 0, name,
+        RA_CHECK_VALUE(t.size(dim) == 1 || (t.stride(dim) * t.element_size()) % kAlignmentBytes == 0, name,
                           " stride ", t.stride(dim), " of dimension ", dim, " is not a multiple of 16 bytes");
     }
 }
 
 void check_shape(const at::Tensor& t, const std::string& name, at::IntArrayRef expected) {
-    TORCH_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+    RA_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
 }
 
 // q (b, s_q, h, d), k and v (b, s_k, h_kv, d) with h % h_kv == 0.
@@ -56,9 +57,9 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, st
     check_operand(q, q_name, q);
     check_operand(k, k_name, q);
     check_operand(v, v_name, q);
-    TORCH_CHECK_VALUE(q.size(0) > 0 && q.size(2) > 0, q_name, " must have a positive batch size and head count, got ",
+    RA_CHECK_VALUE(q.size(0) > 0 && q.size(2) > 0, q_name, " must have a positive batch size and head count, got ",
                       "shape ", q.sizes());
-    TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "the number of heads of ", k_name, " and ", v_name,
+    RA_CHECK_VALUE(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "the number of heads of ", k_name, " and ", v_name,
                       " (", k.size(2), ") must divide the number of heads of ", q_name, " (", q.size(2), ")");
     check_shape(k, k_name, {q.size(0), k.size(1), k.size(2), q.size(3)});
     check_shape(v, v_name, k.sizes());
@@ -72,15 +73,15 @@ void check_backward_operands(const at::Tensor& dout, const at::Tensor& q, const 
     check_operand(out, out_name, q);
     check_shape(dout, dout_name, q.sizes());
     check_shape(out, out_name, q.sizes());
-    TORCH_CHECK_VALUE(lse.defined(), lse_name, " must be a tensor, got None");
-    TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, lse_name, " must be float32, got ", c10::toString(lse.scalar_type()));
-    TORCH_CHECK_VALUE(lse.device() == q.device(), lse_name, " must be on ", q.device(), ", got ", lse.device());
+    RA_CHECK_VALUE(lse.defined(), lse_name, " must be a tensor, got None");
+    RA_CHECK_TYPE(lse.scalar_type() == at::kFloat, lse_name, " must be float32, got ", lse.scalar_type());
+    RA_CHECK_VALUE(lse.device() == q.device(), lse_name, " must be on ", q.device(), ", got ", lse.device());
     check_shape(lse, lse_name, {q.size(0), q.size(2), q.size(1)});
-    TORCH_CHECK_VALUE(lse.stride(2) == 1, lse_name, " must have a contiguous last dimension (stride 1)");
+    RA_CHECK_VALUE(lse.stride(2) == 1, lse_name, " must have a contiguous last dimension (stride 1)");
 }
 
 void check_scale(double softmax_scale) {
-    TORCH_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0,
+    RA_CHECK_VALUE(std::isfinite(softmax_scale) && softmax_scale > 0,
                       "softmax_scale must be a positive finite number, got ", softmax_scale);
 }
 
@@ -92,18 +93,18 @@ void check_kernels(const at::Tensor& q, bool backward) {
     for (bool masked : {false, true}) {
         const KernelKey key{head_dim, dtype, masked};
         const bool found = backward ? find_bwd_launcher(key) != nullptr : find_fwd_launcher(key) != nullptr;
-        TORCH_CHECK_VALUE(found, backward ? "backward " : "forward ", "kernels for head_dim ", head_dim,
-                          " with dtype ", c10::toString(q.scalar_type()), " are not compiled into this build (see ",
+        RA_CHECK_VALUE(found, backward ? "backward " : "forward ", "kernels for head_dim ", head_dim,
+                          " with dtype ", q.scalar_type(), " are not compiled into this build (see ",
                           "RING_ATTN_HEAD_DIMS, RING_ATTN_DTYPES and RING_ATTN_DISABLE_BACKWARD)");
     }
 }
 
 RingPlan checked_plan(const PlanLists& plan, const RingCommunicator* comm, const at::Tensor& q,
                       const at::Tensor& k) {
-    TORCH_CHECK_VALUE(comm != nullptr || plan.size() <= 1, "a plan of ", plan.size(),
+    RA_CHECK_VALUE(comm != nullptr || plan.size() <= 1, "a plan of ", plan.size(),
                       " steps is a ring of as many ranks and needs comm (a RingCommunicator)");
     if (comm != nullptr) {
-        TORCH_CHECK_VALUE(comm->device() == q.device().index(), "comm is bound to cuda:", comm->device(),
+        RA_CHECK_VALUE(comm->device() == q.device().index(), "comm is bound to cuda:", comm->device(),
                           " but the tensors are on ", q.device());
     }
     return make_ring_plan(plan, comm != nullptr ? comm->world_size() : 1, q.size(1), k.size(1), "plan");
@@ -113,12 +114,12 @@ RingPlan checked_plan(const PlanLists& plan, const RingCommunicator* comm, const
 // (the transfers between virtual ranks need equal block sizes, as NCCL ranks would).
 void check_loopback_lists(std::initializer_list<std::pair<const char*, size_t>> sizes, size_t plans) {
     const size_t world_size = sizes.begin()->second;
-    TORCH_CHECK_VALUE(world_size >= 1, sizes.begin()->first, " must hold at least one shard");
+    RA_CHECK_VALUE(world_size >= 1, sizes.begin()->first, " must hold at least one shard");
     for (const auto& [name, size] : sizes) {
-        TORCH_CHECK_VALUE(size == world_size, name, " must hold one entry per virtual rank (", world_size, "), got ",
+        RA_CHECK_VALUE(size == world_size, name, " must hold one entry per virtual rank (", world_size, "), got ",
                           size);
     }
-    TORCH_CHECK_VALUE(plans == world_size, "plans must hold one plan per virtual rank (", world_size, "), got ",
+    RA_CHECK_VALUE(plans == world_size, "plans must hold one plan per virtual rank (", world_size, "), got ",
                       plans);
 }
 

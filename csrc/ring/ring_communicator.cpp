@@ -1,4 +1,5 @@
 #include "ring/ring_communicator.h"
+#include "../check_message.h"
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
@@ -10,7 +11,7 @@ namespace ring_attn {
 void check_nccl(ncclResult_t result, const char* what, ncclComm_t comm) {
     if (result == ncclSuccess) return;
     const char* detail = ncclGetLastError(comm);
-    TORCH_CHECK(false, "NCCL error in ", what, ": ", ncclGetErrorString(result),
+    RA_CHECK(false, "NCCL error in ", what, ": ", ncclGetErrorString(result),
                 (detail != nullptr && detail[0] != '\0') ? std::string(" (") + detail + ")" : std::string(),
                 ". Set NCCL_DEBUG=WARN for NCCL's own log.");
 }
@@ -24,10 +25,10 @@ std::string nccl_unique_id() {
 namespace {
 
 c10::cuda::CUDAStream checked_stream(int rank, int world_size, int device) {
-    TORCH_CHECK_VALUE(world_size >= 1, "world_size must be positive, got ", world_size);
-    TORCH_CHECK_VALUE(rank >= 0 && rank < world_size, "rank must lie in [0, world_size=", world_size, "), got ",
+    RA_CHECK_VALUE(world_size >= 1, "world_size must be positive, got ", world_size);
+    RA_CHECK_VALUE(rank >= 0 && rank < world_size, "rank must lie in [0, world_size=", world_size, "), got ",
                       rank);
-    TORCH_CHECK_VALUE(device >= 0 && device < c10::cuda::device_count(), "device must be a CUDA device index in [0, ",
+    RA_CHECK_VALUE(device >= 0 && device < c10::cuda::device_count(), "device must be a CUDA device index in [0, ",
                       static_cast<int>(c10::cuda::device_count()), "), got ", device);
     // High priority: the block transfers gate the next steps' kernels, so they should get SMs first.
     return c10::cuda::getStreamFromPool(/*isHighPriority=*/true, static_cast<c10::DeviceIndex>(device));
@@ -37,7 +38,7 @@ c10::cuda::CUDAStream checked_stream(int rank, int world_size, int device) {
 
 RingCommunicator::RingCommunicator(const std::string& unique_id, int rank, int world_size, int device)
     : rank_(rank), world_size_(world_size), device_(device), stream_(checked_stream(rank, world_size, device)) {
-    TORCH_CHECK_VALUE(unique_id.size() == NCCL_UNIQUE_ID_BYTES, "unique_id must be the ", NCCL_UNIQUE_ID_BYTES,
+    RA_CHECK_VALUE(unique_id.size() == NCCL_UNIQUE_ID_BYTES, "unique_id must be the ", NCCL_UNIQUE_ID_BYTES,
                       " bytes of an ncclUniqueId (from nccl_unique_id()), got ", unique_id.size(), " bytes");
     ncclUniqueId id;
     std::memcpy(id.internal, unique_id.data(), NCCL_UNIQUE_ID_BYTES);
@@ -58,7 +59,7 @@ void RingCommunicator::destroy() {
 }
 
 ncclComm_t RingCommunicator::handle() const {
-    TORCH_CHECK(comm_ != nullptr, "this RingCommunicator was destroyed");
+    RA_CHECK(comm_ != nullptr, "this RingCommunicator was destroyed");
     return comm_;
 }
 

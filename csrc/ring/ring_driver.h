@@ -4,6 +4,7 @@
 #pragma once
 
 #include <c10/util/Exception.h>
+#include "../check_message.h"
 
 #include <memory>
 #include <vector>
@@ -20,7 +21,7 @@ void run_nccl_ring(Machine& machine, const RingCommunicator* comm) {
     for (int phase = 0; phase < machine.num_phases(); ++phase) {
         const Exchange& exchange = machine.exchange(phase);
         if (!exchange.empty()) {
-            TORCH_CHECK(comm != nullptr, "a ring of several ranks needs an NCCL communicator");
+            RA_CHECK(comm != nullptr, "a ring of several ranks needs an NCCL communicator");
             nccl_exchange(*comm, exchange, machine.comm_stream());
         }
         machine.compute(phase);

@@ -1,4 +1,5 @@
 #include "ring/ring_transport.h"
+#include "../check_message.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
@@ -45,17 +46,17 @@ LoopbackTransport::LoopbackTransport(std::vector<c10::cuda::CUDAStream> comm_str
 
 void LoopbackTransport::exchange(const std::vector<const Exchange*>& per_rank) {
     const size_t world_size = comm_streams_.size();
-    TORCH_CHECK(per_rank.size() == world_size, "loopback exchange: ", per_rank.size(), " exchanges for ",
+    RA_CHECK(per_rank.size() == world_size, "loopback exchange: ", per_rank.size(), " exchanges for ",
                 world_size, " ranks");
     const bool any = std::any_of(per_rank.begin(), per_rank.end(), [](const Exchange* e) { return !e->empty(); });
     if (!any) return;
     for (size_t rank = 0; rank < world_size; ++rank) {
         const Exchange& from = *per_rank[rank];
         const Exchange& to = *per_rank[(rank + 1) % world_size];
-        TORCH_CHECK(from.sends.size() == to.recvs.size(), "loopback exchange: rank ", rank, " sends ",
+        RA_CHECK(from.sends.size() == to.recvs.size(), "loopback exchange: rank ", rank, " sends ",
                     from.sends.size(), " tensors but rank ", (rank + 1) % world_size, " receives ", to.recvs.size());
         for (size_t i = 0; i < from.sends.size(); ++i) {
-            TORCH_CHECK(from.sends[i].nbytes() == to.recvs[i].nbytes() && from.sends[i].is_contiguous() &&
+            RA_CHECK(from.sends[i].nbytes() == to.recvs[i].nbytes() && from.sends[i].is_contiguous() &&
                             to.recvs[i].is_contiguous(),
                         "loopback exchange: send ", i, " of rank ", rank, " (", from.sends[i].nbytes(),
                         " bytes) does not match the receive buffer of the next rank (", to.recvs[i].nbytes(),
