@@ -14,6 +14,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from ring_attn_ext._extension import EXTENSION_ERROR, _C, has_extension  # noqa: E402
+from ring_attn_ext.masks import band_for  # noqa: E402
 
 
 def _cuda_extension_skip_reason():
@@ -144,3 +145,23 @@ def assert_lse_equal(actual, reference, atol, name="lse"):
     if (~empty).any():
         error = max_error(actual[~empty], reference[~empty])
         assert error <= atol, f"{name}: max error {error:.3g} > {atol}"
+
+
+KERNEL_TEST_BANDS = ("full", "causal", "window", "causal_strict", "offset", "empty")
+
+
+def kernel_test_band(kind, seqlen_q, seqlen_k):
+    """(key_offset_min, key_offset_max) of a band kind used by the kernel tests; None = unbounded."""
+    if kind == "full":
+        return None, None
+    if kind == "causal":
+        return band_for(seqlen_q, seqlen_k, causal=True)
+    if kind == "window":
+        return band_for(seqlen_q, seqlen_k, window_size=(37, 5))
+    if kind == "causal_strict":  # the ring's "causal excluding the diagonal"
+        return None, seqlen_k - seqlen_q - 1
+    if kind == "offset":  # keys 100..300 positions behind the query: blocks skipped on both sides
+        return -300, -100
+    if kind == "empty":  # min > max: no key is visible anywhere
+        return 5, 2
+    raise ValueError(kind)

@@ -23,7 +23,8 @@ import math
 import pytest
 import torch
 
-from conftest import CUDA_EXTENSION_SKIP_REASON, max_error, poison_cuda_allocator
+from conftest import (CUDA_EXTENSION_SKIP_REASON, KERNEL_TEST_BANDS, kernel_test_band, max_error,
+                      poison_cuda_allocator)
 from ring_attn_ext._extension import _C
 from ring_attn_ext.masks import band_for
 from ring_attn_ext.reference import attention_reference
@@ -44,26 +45,6 @@ SHAPES = [
     (2, 1000, 127, 4, 4),    # s_q > s_k: causal leaves leading rows without keys
     (1, 2049, 2049, 2, 2),   # long, one past a multiple of every tile
 ]
-
-BANDS = ("full", "causal", "window", "causal_strict", "offset", "empty")
-
-
-def band(kind, seqlen_q, seqlen_k):
-    """(key_offset_min, key_offset_max) of a band kind; None = unbounded."""
-    if kind == "full":
-        return None, None
-    if kind == "causal":
-        return band_for(seqlen_q, seqlen_k, causal=True)
-    if kind == "window":
-        return band_for(seqlen_q, seqlen_k, window_size=(37, 5))
-    if kind == "causal_strict":  # the ring's "causal excluding the diagonal"
-        return None, seqlen_k - seqlen_q - 1
-    if kind == "offset":  # keys 100..300 positions behind the query: query blocks skipped on both sides
-        return -300, -100
-    if kind == "empty":  # min > max: no key is visible anywhere
-        return 5, 2
-    raise ValueError(kind)
-
 
 @functools.lru_cache(maxsize=None)
 def backward_built(head_dim, dtype):
@@ -147,14 +128,14 @@ def exact_fp32_matmul():
 # --------------------------------------------------------------------------------------------- bwd
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_sq{}_sk{}_h{}_hkv{}".format(*s))
-@pytest.mark.parametrize("band_kind", BANDS)
+@pytest.mark.parametrize("band_kind", KERNEL_TEST_BANDS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bwd_matches_autograd(dtype, head_dim, band_kind, shape):
     skip_unless_backward_built(head_dim, dtype)
     batch, seqlen_q, seqlen_k, heads, heads_kv = shape
     q, k, v, dout = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
-    kmin, kmax = band(band_kind, seqlen_q, seqlen_k)
+    kmin, kmax = kernel_test_band(band_kind, seqlen_q, seqlen_k)
     scale = head_dim ** -0.5
     ref = Reference(q, k, v, dout, scale, kmin, kmax)
     poison_cuda_allocator()
@@ -261,7 +242,7 @@ def test_bwd_accumulate_over_key_halves_matches_one_call(dtype, head_dim, band_k
     skip_unless_backward_built(head_dim, dtype)
     batch, seqlen_q, seqlen_k, heads, heads_kv = 2, 1000, 1000, 8, 2
     q, k, v, dout = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
-    kmin, kmax = band(band_kind, seqlen_q, seqlen_k)
+    kmin, kmax = kernel_test_band(band_kind, seqlen_q, seqlen_k)
     scale = head_dim ** -0.5
     out, lse = attention_reference(q, k, v, scale, kmin, kmax)
     delta = _C.bwd_delta(dout, out)

@@ -17,8 +17,8 @@ import random
 import pytest
 import torch
 
-from conftest import (CUDA_EXTENSION_SKIP_REASON, assert_flash_rule, assert_lse_equal, max_error, poison_cuda_allocator,
-                      skip_unless_built)
+from conftest import (CUDA_EXTENSION_SKIP_REASON, KERNEL_TEST_BANDS, assert_flash_rule, assert_lse_equal,
+                      kernel_test_band, max_error, poison_cuda_allocator, skip_unless_built)
 from ring_attn_ext._extension import _C
 from ring_attn_ext.masks import band_for
 from ring_attn_ext.reference import attention_reference, merge_partial
@@ -42,26 +42,6 @@ SHAPES = [
     (2, 1000, 127, 4, 4),    # s_q > s_k: causal leaves leading rows without keys
     (1, 4097, 4097, 2, 2),   # long, one past a multiple of every tile
 ]
-
-BANDS = ("full", "causal", "window", "causal_strict", "offset", "empty")
-
-
-def band(kind, seqlen_q, seqlen_k):
-    """(key_offset_min, key_offset_max) of a band kind; None = unbounded."""
-    if kind == "full":
-        return None, None
-    if kind == "causal":
-        return band_for(seqlen_q, seqlen_k, causal=True)
-    if kind == "window":
-        return band_for(seqlen_q, seqlen_k, window_size=(37, 5))
-    if kind == "causal_strict":  # the ring's "causal excluding the diagonal"
-        return None, seqlen_k - seqlen_q - 1
-    if kind == "offset":  # keys 100..300 positions behind the query: blocks skipped on both sides
-        return -300, -100
-    if kind == "empty":  # min > max: no key is visible anywhere
-        return 5, 2
-    raise ValueError(kind)
-
 
 def random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype):
     q = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", dtype=dtype)
@@ -102,14 +82,14 @@ def exact_fp32_matmul():
 # ------------------------------------------------------------------------------------------ forward
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_sq{}_sk{}_h{}_hkv{}".format(*s))
-@pytest.mark.parametrize("band_kind", BANDS)
+@pytest.mark.parametrize("band_kind", KERNEL_TEST_BANDS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fwd_matches_reference(dtype, head_dim, band_kind, shape):
     skip_unless_built(head_dim, dtype)
     batch, seqlen_q, seqlen_k, heads, heads_kv = shape
     q, k, v = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
-    kmin, kmax = band(band_kind, seqlen_q, seqlen_k)
+    kmin, kmax = kernel_test_band(band_kind, seqlen_q, seqlen_k)
     check_forward(q, k, v, head_dim ** -0.5, kmin, kmax, f"{band_kind} {shape}")
 
 
@@ -161,7 +141,7 @@ def test_fwd_merge_over_key_chunks_matches_full_attention(dtype, head_dim, band_
     batch, seqlen_q, seqlen_k, heads, heads_kv = shape
     q, k, v = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
     scale = head_dim ** -0.5
-    kmin, kmax = band(band_kind, seqlen_q, seqlen_k)
+    kmin, kmax = kernel_test_band(band_kind, seqlen_q, seqlen_k)
     out_accum = torch.zeros(batch, seqlen_q, heads, head_dim, device="cuda", dtype=torch.float32)
     lse_accum = torch.full((batch, heads, seqlen_q), float("-inf"), device="cuda")
     chunks = chunk_bounds(seqlen_k, pieces)
