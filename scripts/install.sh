@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what ring_attn_ext needs and builds it in place (editable). Used by scripts/run.sh and
+# Installs what ring_attn_ext needs and builds it in place. Used by scripts/run.sh and
 # scripts/test.sh, so either one is the whole set-up on a fresh machine.
 #
 # The CUDA extension is compiled when torch is a CUDA build and nvcc is found (CUDA_HOME, default
@@ -14,5 +14,10 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 export MAX_JOBS="${MAX_JOBS:-2}"
 start=$(date +%s)
-python3 -m pip install -q --no-build-isolation -e .
+# Compile in place first: ninja keeps its objects under build/, so a second run (run.sh after
+# test.sh, or after an edit) recompiles only what changed. `pip install -e .` alone would compile
+# everything again in a fresh temporary folder each time.
+python3 setup.py -q build_ext --inplace
+# Then an editable install of the package around the extension just built, compiling nothing.
+RING_ATTN_SKIP_CUDA_BUILD=1 python3 -m pip install -q --no-build-isolation -e .
 echo "ring_attn_ext installed in $(( $(date +%s) - start )) s; CUDA extension: $(python3 -c 'import ring_attn_ext; print("built" if ring_attn_ext.has_extension() else "not built")')"
