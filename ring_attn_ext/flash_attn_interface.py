@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from . import checks
 from .masks import band_for
+from .packing import KV_PACKED, NAMES, QKV_PACKED, SEPARATE, pack, unpack
 from .reference import attention_reference
 
 
@@ -40,14 +41,15 @@ def _prepare(ext, tensors):
 
 
 class _AttentionFunction(torch.autograd.Function):
-    """q, k, v separate; returns (out, lse) with lse not differentiable."""
+    """apply(packing, ext, softmax_scale, band, *tensors) -> (out, lse); lse is not differentiable.
+    tensors are (q, k, v), (q, kv) or (qkv,) as `packing` says; the gradients come back the same way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ext, softmax_scale, band):
-        q, k, v = _prepare(ext, (q, k, v))
+    def forward(ctx, packing, ext, softmax_scale, band, *tensors):
+        q, k, v = _prepare(ext, unpack(packing, tensors))
         out, lse = _forward(ext, q, k, v, softmax_scale, band)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ext, ctx.softmax_scale, ctx.band = ext, softmax_scale, band
+        ctx.packing, ctx.ext, ctx.softmax_scale, ctx.band = packing, ext, softmax_scale, band
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -55,45 +57,7 @@ class _AttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, _dlse):
         dq, dk, dv = _backward(ctx.ext, dout, *ctx.saved_tensors, ctx.softmax_scale, ctx.band)
-        return dq, dk, dv, None, None, None
-
-
-class _KVPackedAttentionFunction(torch.autograd.Function):
-    """q separate, kv (b, s_k, 2, h_kv, d); the gradient of kv comes back packed."""
-
-    @staticmethod
-    def forward(ctx, q, kv, ext, softmax_scale, band):
-        q, k, v = _prepare(ext, (q, *kv.unbind(dim=2)))
-        out, lse = _forward(ext, q, k, v, softmax_scale, band)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ext, ctx.softmax_scale, ctx.band = ext, softmax_scale, band
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, _dlse):
-        dq, dk, dv = _backward(ctx.ext, dout, *ctx.saved_tensors, ctx.softmax_scale, ctx.band)
-        return dq, torch.stack((dk, dv), dim=2), None, None, None
-
-
-class _QKVPackedAttentionFunction(torch.autograd.Function):
-    """qkv (b, s, 3, h, d); the gradient comes back packed."""
-
-    @staticmethod
-    def forward(ctx, qkv, ext, softmax_scale, band):
-        q, k, v = _prepare(ext, qkv.unbind(dim=2))
-        out, lse = _forward(ext, q, k, v, softmax_scale, band)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ext, ctx.softmax_scale, ctx.band = ext, softmax_scale, band
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout, _dlse):
-        dq, dk, dv = _backward(ctx.ext, dout, *ctx.saved_tensors, ctx.softmax_scale, ctx.band)
-        return torch.stack((dq, dk, dv), dim=2), None, None, None
+        return (None, None, None, None, *pack(ctx.packing, dq, dk, dv))
 
 
 def _validate(what, q, k, v, names, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -138,20 +102,20 @@ _COMMON_DOC = """
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    ext, softmax_scale, band = _validate("flash_attn_func", q, k, v, ("q", "k", "v"), dropout_p, softmax_scale,
+    ext, softmax_scale, band = _validate("flash_attn_func", q, k, v, NAMES[SEPARATE], dropout_p, softmax_scale,
                                          causal, window_size, softcap, alibi_slopes, deterministic,
                                          return_attn_probs)
-    out, lse = _AttentionFunction.apply(q, k, v, ext, softmax_scale, band)
+    out, lse = _AttentionFunction.apply(SEPARATE, ext, softmax_scale, band, q, k, v)
     return _result(out, lse, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     checks.check_packed(kv, "kv", 2, "k and v")
-    ext, softmax_scale, band = _validate("flash_attn_kvpacked_func", q, kv[:, :, 0], kv[:, :, 1],
-                                         ("q", "kv[:, :, 0]", "kv[:, :, 1]"), dropout_p, softmax_scale, causal,
-                                         window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
-    out, lse = _KVPackedAttentionFunction.apply(q, kv, ext, softmax_scale, band)
+    ext, softmax_scale, band = _validate("flash_attn_kvpacked_func", q, kv[:, :, 0], kv[:, :, 1], NAMES[KV_PACKED],
+                                         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                         deterministic, return_attn_probs)
+    out, lse = _AttentionFunction.apply(KV_PACKED, ext, softmax_scale, band, q, kv)
     return _result(out, lse, return_attn_probs)
 
 
@@ -159,10 +123,9 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     checks.check_packed(qkv, "qkv", 3, "q, k and v")
     ext, softmax_scale, band = _validate("flash_attn_qkvpacked_func", qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                         ("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]"), dropout_p,
-                                         softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                         return_attn_probs)
-    out, lse = _QKVPackedAttentionFunction.apply(qkv, ext, softmax_scale, band)
+                                         NAMES[QKV_PACKED], dropout_p, softmax_scale, causal, window_size, softcap,
+                                         alibi_slopes, deterministic, return_attn_probs)
+    out, lse = _AttentionFunction.apply(QKV_PACKED, ext, softmax_scale, band, qkv)
     return _result(out, lse, return_attn_probs)
 
 

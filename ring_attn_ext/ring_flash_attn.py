@@ -20,10 +20,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import checks, ring
+from .packing import KV_PACKED, NAMES, QKV_PACKED, SEPARATE, pack, unpack
 from .group_checks import validate_together
-
-_SEPARATE, _KV_PACKED, _QKV_PACKED = "separate", "kvpacked", "qkvpacked"
-
 
 class _RingAttentionFunction(torch.autograd.Function):
     """apply(call, packing, *tensors) -> (out, lse); lse is not differentiable. tensors are
@@ -31,7 +29,7 @@ class _RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, packing, *tensors):
-        q, k, v = _unpack(packing, tensors)
+        q, k, v = unpack(packing, tensors)
         out, lse = ring.run_forward(q, k, v, call)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.packing = call, packing
@@ -43,31 +41,13 @@ class _RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         # No cross-rank check here: the inputs are the forward's, on which every rank agreed.
         dq, dk, dv = ring.run_backward(dout, *ctx.saved_tensors, ctx.call)
-        return (None, None, *_pack(ctx.packing, dq, dk, dv))
-
-
-def _unpack(packing, tensors):
-    if packing == _SEPARATE:
-        return tensors
-    if packing == _KV_PACKED:
-        q, kv = tensors
-        return (q, *kv.unbind(dim=2))
-    (qkv,) = tensors
-    return qkv.unbind(dim=2)
-
-
-def _pack(packing, dq, dk, dv):
-    if packing == _SEPARATE:
-        return dq, dk, dv
-    if packing == _KV_PACKED:
-        return dq, torch.stack((dk, dv), dim=2)
-    return (torch.stack((dq, dk, dv), dim=2),)
+        return (None, None, *pack(ctx.packing, dq, dk, dv))
 
 
 def _check_packing(packing, tensors):
-    if packing == _KV_PACKED:
+    if packing == KV_PACKED:
         checks.check_packed(tensors[1], "kv", 2, "k and v")
-    elif packing == _QKV_PACKED:
+    elif packing == QKV_PACKED:
         checks.check_packed(tensors[0], "qkv", 3, "q, k and v")
 
 
@@ -82,9 +62,8 @@ def _ring_attention(layout, packing, tensors, dropout_p, softmax_scale, causal, 
         checks.check_dropout_p(dropout_p)
         checks.check_alibi_slopes(alibi_slopes)
         checks.check_flag(return_attn_probs, "return_attn_probs")
-        q, k, v = _unpack(packing, tensors)
-        names = {_SEPARATE: ("q", "k", "v"), _KV_PACKED: ("q", "kv[:, :, 0]", "kv[:, :, 1]"),
-                 _QKV_PACKED: ("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]")}[packing]
+        q, k, v = unpack(packing, tensors)
+        names = NAMES[packing]
         checks.check_qkv(q, k, v, names)
         checks.check_deterministic(deterministic, q.device)
         return ring.check_call("forward", q, k, v, ring_group, causal, softmax_scale, layout, window_size)
@@ -99,7 +78,7 @@ def ring_flash_attn_func(
         deterministic=False, return_attn_probs=False, group=None):
     """Ring attention on local shards in the contiguous ('ring') layout: q (b, s, h, d), k and v (b, s, h_kv, d).
     Returns out, or (out, lse, None) with return_attn_probs=True."""
-    return _ring_attention("ring", _SEPARATE, (q, k, v), dropout_p, softmax_scale, causal, window_size,
+    return _ring_attention("ring", SEPARATE, (q, k, v), dropout_p, softmax_scale, causal, window_size,
                            alibi_slopes, deterministic, return_attn_probs, group)
 
 
@@ -108,7 +87,7 @@ def ring_flash_attn_kvpacked_func(
         deterministic=False, return_attn_probs=False, group=None):
     """Ring attention on local shards in the contiguous ('ring') layout: q (b, s, h, d) and kv (b, s, 2, h_kv, d).
     Returns out, or (out, lse, None) with return_attn_probs=True."""
-    return _ring_attention("ring", _KV_PACKED, (q, kv), dropout_p, softmax_scale, causal, window_size,
+    return _ring_attention("ring", KV_PACKED, (q, kv), dropout_p, softmax_scale, causal, window_size,
                            alibi_slopes, deterministic, return_attn_probs, group)
 
 
@@ -117,7 +96,7 @@ def ring_flash_attn_qkvpacked_func(
         deterministic=False, return_attn_probs=False, group=None):
     """Ring attention on local shards in the contiguous ('ring') layout: qkv (b, s, 3, h, d).
     Returns out, or (out, lse, None) with return_attn_probs=True."""
-    return _ring_attention("ring", _QKV_PACKED, (qkv,), dropout_p, softmax_scale, causal, window_size,
+    return _ring_attention("ring", QKV_PACKED, (qkv,), dropout_p, softmax_scale, causal, window_size,
                            alibi_slopes, deterministic, return_attn_probs, group)
 
 
@@ -126,7 +105,7 @@ def zigzag_ring_flash_attn_func(
         deterministic=False, return_attn_probs=False, group=None):
     """Ring attention on local shards in the 'zigzag' layout: q (b, s, h, d), k and v (b, s, h_kv, d).
     Returns out, or (out, lse, None) with return_attn_probs=True."""
-    return _ring_attention("zigzag", _SEPARATE, (q, k, v), dropout_p, softmax_scale, causal, window_size,
+    return _ring_attention("zigzag", SEPARATE, (q, k, v), dropout_p, softmax_scale, causal, window_size,
                            alibi_slopes, deterministic, return_attn_probs, group)
 
 
@@ -135,7 +114,7 @@ def zigzag_ring_flash_attn_kvpacked_func(
         deterministic=False, return_attn_probs=False, group=None):
     """Ring attention on local shards in the 'zigzag' layout: q (b, s, h, d) and kv (b, s, 2, h_kv, d).
     Returns out, or (out, lse, None) with return_attn_probs=True."""
-    return _ring_attention("zigzag", _KV_PACKED, (q, kv), dropout_p, softmax_scale, causal, window_size,
+    return _ring_attention("zigzag", KV_PACKED, (q, kv), dropout_p, softmax_scale, causal, window_size,
                            alibi_slopes, deterministic, return_attn_probs, group)
 
 
@@ -144,7 +123,7 @@ def zigzag_ring_flash_attn_qkvpacked_func(
         deterministic=False, return_attn_probs=False, group=None):
     """Ring attention on local shards in the 'zigzag' layout: qkv (b, s, 3, h, d).
     Returns out, or (out, lse, None) with return_attn_probs=True."""
-    return _ring_attention("zigzag", _QKV_PACKED, (qkv,), dropout_p, softmax_scale, causal, window_size,
+    return _ring_attention("zigzag", QKV_PACKED, (qkv,), dropout_p, softmax_scale, causal, window_size,
                            alibi_slopes, deterministic, return_attn_probs, group)
 
 
@@ -153,7 +132,7 @@ def stripe_flash_attn_func(
         deterministic=False, return_attn_probs=False, group=None):
     """Ring attention on local shards in the 'stripe' layout: q (b, s, h, d), k and v (b, s, h_kv, d).
     Returns out, or (out, lse, None) with return_attn_probs=True."""
-    return _ring_attention("stripe", _SEPARATE, (q, k, v), dropout_p, softmax_scale, causal, window_size,
+    return _ring_attention("stripe", SEPARATE, (q, k, v), dropout_p, softmax_scale, causal, window_size,
                            alibi_slopes, deterministic, return_attn_probs, group)
 
 
@@ -162,7 +141,7 @@ def stripe_flash_attn_kvpacked_func(
         deterministic=False, return_attn_probs=False, group=None):
     """Ring attention on local shards in the 'stripe' layout: q (b, s, h, d) and kv (b, s, 2, h_kv, d).
     Returns out, or (out, lse, None) with return_attn_probs=True."""
-    return _ring_attention("stripe", _KV_PACKED, (q, kv), dropout_p, softmax_scale, causal, window_size,
+    return _ring_attention("stripe", KV_PACKED, (q, kv), dropout_p, softmax_scale, causal, window_size,
                            alibi_slopes, deterministic, return_attn_probs, group)
 
 
@@ -171,5 +150,5 @@ def stripe_flash_attn_qkvpacked_func(
         deterministic=False, return_attn_probs=False, group=None):
     """Ring attention on local shards in the 'stripe' layout: qkv (b, s, 3, h, d).
     Returns out, or (out, lse, None) with return_attn_probs=True."""
-    return _ring_attention("stripe", _QKV_PACKED, (qkv,), dropout_p, softmax_scale, causal, window_size,
+    return _ring_attention("stripe", QKV_PACKED, (qkv,), dropout_p, softmax_scale, causal, window_size,
                            alibi_slopes, deterministic, return_attn_probs, group)

@@ -1,0 +1,30 @@
+"""The three input packings of FlashAttention's API: separate (q, k, v), kv-packed (q, kv) with kv
+(b, s, 2, h_kv, d), and qkv-packed (qkv,) with qkv (b, s, 3, h, d). Gradients go back packed the
+way the inputs came."""
+import torch
+
+SEPARATE, KV_PACKED, QKV_PACKED = "separate", "kvpacked", "qkvpacked"
+
+# How each packing names q, k and v in error messages.
+NAMES = {SEPARATE: ("q", "k", "v"), KV_PACKED: ("q", "kv[:, :, 0]", "kv[:, :, 1]"),
+         QKV_PACKED: ("qkv[:, :, 0]", "qkv[:, :, 1]", "qkv[:, :, 2]")}
+
+
+def unpack(packing, tensors):
+    """(q, k, v) views of the tensors given in `packing`."""
+    if packing == SEPARATE:
+        return tuple(tensors)
+    if packing == KV_PACKED:
+        q, kv = tensors
+        return (q, *kv.unbind(dim=2))
+    (qkv,) = tensors
+    return qkv.unbind(dim=2)
+
+
+def pack(packing, dq, dk, dv):
+    """The gradients as a tuple matching the inputs of `packing`."""
+    if packing == SEPARATE:
+        return dq, dk, dv
+    if packing == KV_PACKED:
+        return dq, torch.stack((dk, dv), dim=2)
+    return (torch.stack((dq, dk, dv), dim=2),)
