@@ -13,7 +13,8 @@ the group must call together. ring.py validates the arguments and agrees them ac
 The ring has its own NCCL communicator, made once per (group, device): group rank 0 draws an
 ncclUniqueId, the group broadcasts it, every rank joins. It lives until destroy_communicators(),
 which runs at exit (processes that end without running atexit handlers, such as multiprocessing
-workers, call it themselves).
+workers, call it themselves). A rank that dies or stops calling the ring cannot hang the others:
+see timeout_seconds().
 
 For tests, a whole ring also runs on one GPU, the virtual ranks exchanging blocks by device copies
 through the same C++ scheduler:
@@ -23,6 +24,8 @@ through the same C++ scheduler:
                            softmax_scale) -> (dqs, dks, dvs)
 """
 import atexit
+import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,7 @@ from ._extension import require_extension
 
 # (process group, CUDA device index) -> _C.RingCommunicator
 _COMMUNICATORS = {}
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def ring_forward_cuda(q, k, v, plan, group, softmax_scale):
@@ -83,14 +87,32 @@ def _communicator_for(plan, group, device):
     return comm
 
 
+def timeout_seconds():
+    """The ring's NCCL timeout: RING_ATTN_TIMEOUT_S in the environment, else 600 s (PyTorch's own
+    NCCL default). A join, connection or transfer that makes no progress for that long aborts the
+    ring's communicator: a host-side wait raises torch.distributed.DistBackendError; transfers
+    stuck on the GPU end the process with a message on stderr (their results would be wrong)."""
+    text = os.environ.get("RING_ATTN_TIMEOUT_S", "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"RING_ATTN_TIMEOUT_S must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
 def _make_communicator(group, device):
     C = require_extension("ring attention on CUDA tensors")
+    timeout_s = timeout_seconds()
     rank = dist.get_rank(group)
     box = [C.nccl_unique_id() if rank == 0 else None]
     # An NCCL group broadcasts through the current CUDA device: make it this ring's.
     with torch.cuda.device(device):
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-    return C.RingCommunicator(box[0], rank, dist.get_world_size(group), device.index)
+    return C.RingCommunicator(box[0], rank, dist.get_world_size(group), device.index, timeout_s)
 
 
 @atexit.register

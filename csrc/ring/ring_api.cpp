@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <memory>
+#include <tuple>
+#include <vector>
 #include <string>
 
 #include "flash/kernel_registry.h"
@@ -99,7 +101,7 @@ void check_kernels(const at::Tensor& q, bool backward) {
     }
 }
 
-RingPlan checked_plan(const PlanLists& plan, const RingCommunicator* comm, const at::Tensor& q,
+RingPlan checked_plan(const PlanLists& plan, RingCommunicator* comm, const at::Tensor& q,
                       const at::Tensor& k) {
     RA_CHECK_VALUE(comm != nullptr || plan.size() <= 1, "a plan of ", plan.size(),
                       " steps is a ring of as many ranks and needs comm (a RingCommunicator)");
@@ -110,8 +112,7 @@ RingPlan checked_plan(const PlanLists& plan, const RingCommunicator* comm, const
     return make_ring_plan(plan, comm != nullptr ? comm->world_size() : 1, q.size(1), k.size(1), "plan");
 }
 
-// Loopback: the lists have one entry per virtual rank and every rank's shards have rank 0's shapes
-// (the transfers between virtual ranks need equal block sizes, as NCCL ranks would).
+// Loopback: the lists have one entry per virtual rank.
 void check_loopback_lists(std::initializer_list<std::pair<const char*, size_t>> sizes, size_t plans) {
     const size_t world_size = sizes.begin()->second;
     RA_CHECK_VALUE(world_size >= 1, sizes.begin()->first, " must hold at least one shard");
@@ -129,37 +130,75 @@ void check_same_shape_as_rank0(const std::vector<at::Tensor>& shards, const char
     }
 }
 
-// Streams of a loopback ring's virtual ranks; their compute streams start after the caller's work.
-struct VirtualRanks {
-    c10::cuda::CUDAStream caller;
-    std::vector<c10::cuda::CUDAStream> compute, comm;
-};
-
-VirtualRanks start_virtual_ranks(size_t world_size, c10::DeviceIndex device) {
-    VirtualRanks ranks{c10::cuda::getCurrentCUDAStream(device), {}, {}};
-    CudaEvent inputs_ready;
-    inputs_ready.record(ranks.caller);
+// Checks every virtual rank's q/k/v shard (each rank's shards must have rank 0's shapes: the
+// transfers between virtual ranks need equal block sizes, as NCCL ranks would), the scale and the
+// kernels, and converts the plans.
+std::vector<RingPlan> checked_loopback_shards(const std::vector<at::Tensor>& q_shards,
+                                              const std::vector<at::Tensor>& k_shards,
+                                              const std::vector<at::Tensor>& v_shards,
+                                              const std::vector<PlanLists>& plans, double softmax_scale,
+                                              bool backward) {
+    const size_t world_size = q_shards.size();
+    std::vector<RingPlan> ring_plans;
     for (size_t rank = 0; rank < world_size; ++rank) {
-        ranks.compute.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device));
-        ranks.comm.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device));
-        inputs_ready.block(ranks.compute.back());
+        check_qkv(q_shards[rank], k_shards[rank], v_shards[rank], rank);
+        check_operand(q_shards[rank], shard_name("q", rank), q_shards[0]);
+        const std::string plan_name = "plans[" + std::to_string(rank) + "]";
+        ring_plans.push_back(make_ring_plan(plans[rank], static_cast<int64_t>(world_size), q_shards[rank].size(1),
+                                            k_shards[rank].size(1), plan_name.c_str()));
     }
-    return ranks;
+    check_same_shape_as_rank0(q_shards, "q");
+    check_same_shape_as_rank0(k_shards, "k");
+    check_scale(softmax_scale);
+    check_kernels(q_shards[0], backward);
+    return ring_plans;
 }
 
-// Orders results made on a virtual rank's stream on the caller's stream, and tells the caching
-// allocator that the caller's stream uses them.
-void hand_over(std::initializer_list<at::Tensor> results, c10::cuda::CUDAStream from, c10::cuda::CUDAStream to) {
-    CudaEvent done;
-    done.record(from);
-    done.block(to);
-    for (const at::Tensor& t : results) t.record_stream(to);
+// Runs a whole ring of `world_size` virtual ranks on `like`'s GPU: make_machine(rank, compute
+// stream, comm stream) builds rank r's step machine; each rank computes on its own pool stream,
+// which starts after the caller's work. Returns, per result of Machine::finish(), the list over
+// ranks, ordered on the caller's stream (and recorded as used by it, for the caching allocator).
+template <typename Machine, typename MakeMachine>
+auto run_virtual_ring(size_t world_size, const at::Tensor& like, MakeMachine make_machine) {
+    c10::cuda::CUDAGuard guard(like.device());
+    const c10::DeviceIndex device = like.device().index();
+    const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device);
+    CudaEvent inputs_ready;
+    inputs_ready.record(caller);
+    std::vector<c10::cuda::CUDAStream> compute, comm;
+    std::vector<std::unique_ptr<Machine>> machines;
+    for (size_t rank = 0; rank < world_size; ++rank) {
+        compute.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device));
+        comm.push_back(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device));
+        inputs_ready.block(compute.back());
+        machines.push_back(make_machine(rank, compute.back(), comm.back()));
+    }
+    LoopbackTransport transport(comm);
+    run_loopback_ring(machines, transport);
+
+    using Results = decltype(machines[0]->finish());  // a tuple of tensors
+    auto per_result = std::apply(
+        [](const auto&... result) { return std::make_tuple(std::vector<std::decay_t<decltype(result)>>{}...); },
+        Results{});
+    for (size_t rank = 0; rank < world_size; ++rank) {
+        Results results = machines[rank]->finish();
+        CudaEvent done;
+        done.record(compute[rank]);
+        done.block(caller);
+        std::apply([&](auto&... lists) {
+            std::apply([&](auto&... tensors) {
+                (tensors.record_stream(caller), ...);
+                (lists.push_back(tensors), ...);
+            }, results);
+        }, per_result);
+    }
+    return per_result;
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> ring_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const PlanLists& plan, const RingCommunicator* comm,
+                                            const PlanLists& plan, RingCommunicator* comm,
                                             double softmax_scale) {
     check_qkv(q, k, v, std::nullopt);
     check_scale(softmax_scale);
@@ -175,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> ring_fwd(const at::Tensor& q, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& out, const at::Tensor& lse,
-                                                        const PlanLists& plan, const RingCommunicator* comm,
+                                                        const PlanLists& plan, RingCommunicator* comm,
                                                         double softmax_scale) {
     check_qkv(q, k, v, std::nullopt);
     check_backward_operands(dout, q, out, lse, std::nullopt);
@@ -195,38 +234,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> ring_fwd_loopback(
     const std::vector<at::Tensor>& v_shards, const std::vector<PlanLists>& plans, double softmax_scale) {
     check_loopback_lists({{"q_shards", q_shards.size()}, {"k_shards", k_shards.size()}, {"v_shards", v_shards.size()}},
                          plans.size());
-    const size_t world_size = q_shards.size();
-    std::vector<RingPlan> ring_plans;
-    for (size_t rank = 0; rank < world_size; ++rank) {
-        check_qkv(q_shards[rank], k_shards[rank], v_shards[rank], rank);
-        check_operand(q_shards[rank], shard_name("q", rank), q_shards[0]);
-        const std::string plan_name = "plans[" + std::to_string(rank) + "]";
-        ring_plans.push_back(make_ring_plan(plans[rank], static_cast<int64_t>(world_size), q_shards[rank].size(1),
-                                            k_shards[rank].size(1), plan_name.c_str()));
-    }
-    check_same_shape_as_rank0(q_shards, "q");
-    check_same_shape_as_rank0(k_shards, "k");
-    check_scale(softmax_scale);
-    check_kernels(q_shards[0], /*backward=*/false);
-
-    c10::cuda::CUDAGuard guard(q_shards[0].device());
-    const VirtualRanks ranks = start_virtual_ranks(world_size, q_shards[0].device().index());
-    std::vector<std::unique_ptr<RingForward>> machines;
-    for (size_t rank = 0; rank < world_size; ++rank) {
-        machines.push_back(std::make_unique<RingForward>(q_shards[rank], k_shards[rank], v_shards[rank],
-                                                         ring_plans[rank], softmax_scale, ranks.compute[rank],
-                                                         ranks.comm[rank]));
-    }
-    LoopbackTransport transport(ranks.comm);
-    run_loopback_ring(machines, transport);
-    std::vector<at::Tensor> outs, lses;
-    for (size_t rank = 0; rank < world_size; ++rank) {
-        auto [out, lse] = machines[rank]->finish();
-        hand_over({out, lse}, ranks.compute[rank], ranks.caller);
-        outs.push_back(out);
-        lses.push_back(lse);
-    }
-    return {outs, lses};
+    const std::vector<RingPlan> ring_plans =
+        checked_loopback_shards(q_shards, k_shards, v_shards, plans, softmax_scale, /*backward=*/false);
+    return run_virtual_ring<RingForward>(q_shards.size(), q_shards[0], [&](size_t rank, auto compute, auto comm) {
+        return std::make_unique<RingForward>(q_shards[rank], k_shards[rank], v_shards[rank], ring_plans[rank],
+                                             softmax_scale, compute, comm);
+    });
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> ring_bwd_loopback(
@@ -238,41 +251,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
                           {"k_shards", k_shards.size()}, {"v_shards", v_shards.size()},
                           {"out_shards", out_shards.size()}, {"lse_shards", lse_shards.size()}},
                          plans.size());
-    const size_t world_size = q_shards.size();
-    std::vector<RingPlan> ring_plans;
-    for (size_t rank = 0; rank < world_size; ++rank) {
-        check_qkv(q_shards[rank], k_shards[rank], v_shards[rank], rank);
-        check_operand(q_shards[rank], shard_name("q", rank), q_shards[0]);
+    const std::vector<RingPlan> ring_plans =
+        checked_loopback_shards(q_shards, k_shards, v_shards, plans, softmax_scale, /*backward=*/true);
+    for (size_t rank = 0; rank < q_shards.size(); ++rank) {
         check_backward_operands(dout_shards[rank], q_shards[rank], out_shards[rank], lse_shards[rank], rank);
-        const std::string plan_name = "plans[" + std::to_string(rank) + "]";
-        ring_plans.push_back(make_ring_plan(plans[rank], static_cast<int64_t>(world_size), q_shards[rank].size(1),
-                                            k_shards[rank].size(1), plan_name.c_str()));
     }
-    check_same_shape_as_rank0(q_shards, "q");
-    check_same_shape_as_rank0(k_shards, "k");
-    check_scale(softmax_scale);
-    check_kernels(q_shards[0], /*backward=*/true);
-
-    c10::cuda::CUDAGuard guard(q_shards[0].device());
-    const VirtualRanks ranks = start_virtual_ranks(world_size, q_shards[0].device().index());
-    std::vector<std::unique_ptr<RingBackward>> machines;
-    for (size_t rank = 0; rank < world_size; ++rank) {
-        machines.push_back(std::make_unique<RingBackward>(dout_shards[rank], q_shards[rank], k_shards[rank],
-                                                          v_shards[rank], out_shards[rank], lse_shards[rank],
-                                                          ring_plans[rank], softmax_scale, ranks.compute[rank],
-                                                          ranks.comm[rank]));
-    }
-    LoopbackTransport transport(ranks.comm);
-    run_loopback_ring(machines, transport);
-    std::vector<at::Tensor> dqs, dks, dvs;
-    for (size_t rank = 0; rank < world_size; ++rank) {
-        auto [dq, dk, dv] = machines[rank]->finish();
-        hand_over({dq, dk, dv}, ranks.compute[rank], ranks.caller);
-        dqs.push_back(dq);
-        dks.push_back(dk);
-        dvs.push_back(dv);
-    }
-    return {dqs, dks, dvs};
+    return run_virtual_ring<RingBackward>(q_shards.size(), q_shards[0], [&](size_t rank, auto compute, auto comm) {
+        return std::make_unique<RingBackward>(dout_shards[rank], q_shards[rank], k_shards[rank], v_shards[rank],
+                                              out_shards[rank], lse_shards[rank], ring_plans[rank], softmax_scale,
+                                              compute, comm);
+    });
 }
 
 }  // namespace ring_attn

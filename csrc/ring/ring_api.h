@@ -20,13 +20,13 @@ namespace ring_attn {
 
 // comm: the ring's communicator; null allowed for a ring of one rank. Collective over the ring.
 std::tuple<at::Tensor, at::Tensor> ring_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const PlanLists& plan, const RingCommunicator* comm,
+                                            const PlanLists& plan, RingCommunicator* comm,
                                             double softmax_scale);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& out, const at::Tensor& lse,
-                                                        const PlanLists& plan, const RingCommunicator* comm,
+                                                        const PlanLists& plan, RingCommunicator* comm,
                                                         double softmax_scale);
 
 // A whole ring on one GPU: entry r of each list belongs to virtual rank r (plans[r] is its plan).

@@ -15,7 +15,8 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
       softmax_scale_(softmax_scale),
       dtype_(q.scalar_type()),
       compute_stream_(compute_stream),
-      comm_stream_(comm_stream) {
+      comm_stream_(comm_stream),
+      held_(k, v, world_size_, compute_stream) {
     c10::cuda::CUDAStreamGuard guard(compute_stream_);
     const int64_t batch = q.size(0), seqlen_q = q.size(1), heads = q.size(2), head_dim = q.size(3);
     const int64_t seqlen_k = k.size(1), heads_kv = k.size(2);
@@ -23,11 +24,7 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
     delta_ = flash_bwd_delta(dout, out);
     dq_accum_ = at::zeros({batch, seqlen_q, heads, head_dim}, fp32);
 
-    const bool travels = world_size_ > 1;
-    const at::Tensor local_k = travels ? k.contiguous() : k;
-    const at::Tensor local_v = travels ? v.contiguous() : v;
-    const int64_t kv_slots = std::min<int64_t>(2, world_size_ - 1);
-    if (kv_slots > 0) received_ = at::empty({kv_slots, 2, batch, seqlen_k, heads_kv, head_dim}, k.options());
+    const bool travels = held_.travels();
     // acc_[0] holds acc(0), which step 0 starts from zero; acc_[1] only ever receives.
     const at::Tensor dkv = at::empty({travels ? 2 : 1, 2, batch, seqlen_k, heads_kv, head_dim}, fp32);
     acc_[0] = dkv[0].zero_();
@@ -36,18 +33,10 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
         acc_[1] = dkv[1];
         partials = at::empty({2, 2, batch, seqlen_k, heads_kv, head_dim}, fp32);
     }
-    auto held = [&](int step, int which) -> at::Tensor {
-        if (step == 0) return which == 0 ? local_k : local_v;
-        return received_[(step - 1) % 2][which];
-    };
-
     exchanges_.resize(world_size_ + 1);
     for (int phase = 0; travels && phase <= world_size_; ++phase) {
         Exchange& exchange = exchanges_[phase];
-        if (phase + 1 < world_size_) {
-            exchange.sends = {held(phase, 0), held(phase, 1)};
-            exchange.recvs = {held(phase + 1, 0), held(phase + 1, 1)};
-        }
+        held_.add_transfer(phase, exchange);
         if (phase >= 1) {
             exchange.sends.push_back(acc_[(phase - 1) % 2]);
             exchange.recvs.push_back(acc_[phase % 2]);
@@ -62,7 +51,7 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
             if (piece.q_len == 0 || piece.k_len == 0) continue;
             auto rows_q = [&](const at::Tensor& t) { return t.narrow(1, piece.q_start, piece.q_len); };
             auto rows_k = [&](const at::Tensor& t) { return t.narrow(1, piece.k_start, piece.k_len); };
-            calls_[step].push_back(GradCall{rows_q(dout), rows_q(q), rows_k(held(step, 0)), rows_k(held(step, 1)),
+            calls_[step].push_back(GradCall{rows_q(dout), rows_q(q), rows_k(held_.k(step)), rows_k(held_.v(step)),
                                             lse.narrow(2, piece.q_start, piece.q_len),
                                             delta_.narrow(2, piece.q_start, piece.q_len), rows_q(dq_accum_),
                                             rows_k(grads[0]), rows_k(grads[1]), piece.key_offset_min,

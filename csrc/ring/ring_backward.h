@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "ring/cuda_event.h"
+#include "ring/held_blocks.h"
 #include "ring/ring_plan.h"
 #include "ring/ring_transport.h"
 
@@ -71,7 +72,7 @@ class RingBackward {
     at::ScalarType dtype_;
     c10::cuda::CUDAStream compute_stream_, comm_stream_;
     at::Tensor delta_, dq_accum_;
-    at::Tensor received_;            // K/V receive buffers (slots, 2, b, s_k, h_kv, d); held(p) is slot (p - 1) % 2
+    HeldBlocks held_;
     std::array<at::Tensor, 2> acc_;  // fp32 (2 = dk/dv, b, s_k, h_kv, d); acc(p) is acc_[p % 2]
     std::vector<Exchange> exchanges_;           // per phase
     std::vector<std::vector<GradCall>> calls_;  // per step

@@ -18,16 +18,18 @@ void register_ring_bindings(pybind11::module_& m) {
 
     py::class_<RingCommunicator, std::shared_ptr<RingCommunicator>>(
         m, "RingCommunicator", "The NCCL communicator of one ring, bound to one CUDA device, with its transfer stream")
-        .def(py::init([](const py::bytes& unique_id, int rank, int world_size, int device) {
+        .def(py::init([](const py::bytes& unique_id, int rank, int world_size, int device, double timeout_s) {
                  std::string id = unique_id;
-                 py::gil_scoped_release release;  // blocks until every rank has joined
-                 return std::make_shared<RingCommunicator>(id, rank, world_size, device);
+                 py::gil_scoped_release release;  // waits (up to timeout_s) until every rank has joined
+                 return std::make_shared<RingCommunicator>(id, rank, world_size, device, timeout_s);
              }),
-             "Collective: every rank calls it with the unique id from nccl_unique_id() that rank 0 made",
-             py::arg("unique_id"), py::arg("rank"), py::arg("world_size"), py::arg("device"))
+             "Collective: every rank calls it with the unique id from nccl_unique_id() that rank 0 made. "
+             "Waits, joins and transfers that make no progress for timeout_s seconds abort the ring",
+             py::arg("unique_id"), py::arg("rank"), py::arg("world_size"), py::arg("device"), py::arg("timeout_s"))
         .def_property_readonly("rank", &RingCommunicator::rank)
         .def_property_readonly("world_size", &RingCommunicator::world_size)
         .def_property_readonly("device", &RingCommunicator::device)
+        .def_property_readonly("timeout_s", &RingCommunicator::timeout_s)
         .def("destroy", &RingCommunicator::destroy, "Releases the NCCL communicator (idempotent)", release_gil());
 
     m.def(

@@ -17,7 +17,7 @@ namespace ring_attn {
 // This process's rank of a real ring. `comm` may be null only for a ring of one rank, which
 // exchanges nothing.
 template <typename Machine>
-void run_nccl_ring(Machine& machine, const RingCommunicator* comm) {
+void run_nccl_ring(Machine& machine, RingCommunicator* comm) {
     for (int phase = 0; phase < machine.num_phases(); ++phase) {
         const Exchange& exchange = machine.exchange(phase);
         if (!exchange.empty()) {
@@ -26,6 +26,7 @@ void run_nccl_ring(Machine& machine, const RingCommunicator* comm) {
         }
         machine.compute(phase);
     }
+    if (comm != nullptr) comm->watch_transfers();
 }
 
 // All ranks of a ring in this process: machines[r] is virtual rank r. Every machine reaches a

@@ -2,7 +2,6 @@
 
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
 #include <limits>
 
 #include "flash_api.h"
@@ -16,43 +15,30 @@ RingForward::RingForward(const at::Tensor& q, const at::Tensor& k, const at::Ten
       softmax_scale_(softmax_scale),
       dtype_(q.scalar_type()),
       compute_stream_(compute_stream),
-      comm_stream_(comm_stream) {
+      comm_stream_(comm_stream),
+      held_(k, v, world_size_, compute_stream) {
     c10::cuda::CUDAStreamGuard guard(compute_stream_);
     const int64_t batch = q.size(0), seqlen_q = q.size(1), heads = q.size(2), head_dim = q.size(3);
-    const int64_t seqlen_k = k.size(1), heads_kv = k.size(2);
     const auto fp32 = q.options().dtype(at::kFloat);
     out_accum_ = at::zeros({batch, seqlen_q, heads, head_dim}, fp32);
     lse_accum_ = at::full({batch, heads, seqlen_q}, -std::numeric_limits<float>::infinity(), fp32);
 
-    // The local block travels only in a ring of several ranks, and a transfer needs contiguous memory.
-    const bool travels = world_size_ > 1;
-    const at::Tensor local_k = travels ? k.contiguous() : k;
-    const at::Tensor local_v = travels ? v.contiguous() : v;
-    const int64_t slots = std::min<int64_t>(2, world_size_ - 1);
-    if (slots > 0) received_ = at::empty({slots, 2, batch, seqlen_k, heads_kv, head_dim}, k.options());
-    auto held = [&](int step, int which) -> at::Tensor {
-        if (step == 0) return which == 0 ? local_k : local_v;
-        return received_[(step - 1) % 2][which];
-    };
-
+    // Phase p sends held(p) and receives held(p + 1).
     exchanges_.resize(world_size_);
-    for (int phase = 0; phase + 1 < world_size_; ++phase) {
-        exchanges_[phase].sends = {held(phase, 0), held(phase, 1)};
-        exchanges_[phase].recvs = {held(phase + 1, 0), held(phase + 1, 1)};
-    }
+    for (int phase = 0; phase < world_size_; ++phase) held_.add_transfer(phase, exchanges_[phase]);
     calls_.resize(world_size_);
     for (int step = 0; step < world_size_; ++step) {
         for (const PlanPiece& piece : plan[step]) {
             if (piece.q_len == 0 || piece.k_len == 0) continue;
             calls_[step].push_back(MergeCall{q.narrow(1, piece.q_start, piece.q_len),
-                                             held(step, 0).narrow(1, piece.k_start, piece.k_len),
-                                             held(step, 1).narrow(1, piece.k_start, piece.k_len),
+                                             held_.k(step).narrow(1, piece.k_start, piece.k_len),
+                                             held_.v(step).narrow(1, piece.k_start, piece.k_len),
                                              out_accum_.narrow(1, piece.q_start, piece.q_len),
                                              lse_accum_.narrow(2, piece.q_start, piece.q_len),
                                              piece.key_offset_min, piece.key_offset_max});
         }
     }
-    if (travels) {
+    if (held_.travels()) {
         // The comm stream starts after everything the caller enqueued (inputs, the contiguous
         // copies, and earlier users of the memory the receive buffers now occupy).
         inputs_ready_.record(compute_stream_);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "ring/cuda_event.h"
+#include "ring/held_blocks.h"
 #include "ring/ring_plan.h"
 #include "ring/ring_transport.h"
 
@@ -58,7 +59,7 @@ class RingForward {
     at::ScalarType dtype_;
     c10::cuda::CUDAStream compute_stream_, comm_stream_;
     at::Tensor out_accum_, lse_accum_;
-    at::Tensor received_;  // (slots, 2 = k/v, b, s_k, h_kv, d); held(p) is slot (p - 1) % 2
+    HeldBlocks held_;
     std::vector<Exchange> exchanges_;           // per phase
     std::vector<std::vector<MergeCall>> calls_;  // per step
     CudaEvent inputs_ready_;

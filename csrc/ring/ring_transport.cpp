@@ -9,7 +9,7 @@
 
 namespace ring_attn {
 
-void nccl_exchange(const RingCommunicator& comm, const Exchange& exchange, cudaStream_t stream) {
+void nccl_exchange(RingCommunicator& comm, const Exchange& exchange, cudaStream_t stream) {
     ncclComm_t handle = comm.handle();
     // Raw bytes: a transfer needs no reduction, so the element type does not matter.
     ncclResult_t result = ncclGroupStart();
@@ -25,7 +25,9 @@ void nccl_exchange(const RingCommunicator& comm, const Exchange& exchange, cudaS
     // The group is closed whatever happened inside it, so NCCL is left in a usable state.
     const ncclResult_t end_result = ncclGroupEnd();
     check_nccl(result, "ncclSend/ncclRecv", handle);
-    check_nccl(end_result, "ncclGroupEnd", handle);
+    // The communicator is non-blocking: the group may still be connecting or enqueueing. Later
+    // work on `stream` (events the compute stream waits for) must follow the transfers.
+    comm.wait_for_call(end_result, "the ring's block exchange (ncclSend/ncclRecv)");
 }
 
 namespace {

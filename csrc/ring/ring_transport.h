@@ -27,7 +27,7 @@ struct Exchange {
 
 // Enqueues `exchange` on `stream` as one NCCL group (sends and receives progress together, as a
 // ring needs: every rank sends and receives at once).
-void nccl_exchange(const RingCommunicator& comm, const Exchange& exchange, cudaStream_t stream);
+void nccl_exchange(RingCommunicator& comm, const Exchange& exchange, cudaStream_t stream);
 
 // Virtual ranks 0..N-1 of one process; rank r's transfers run on comm_streams[r]. Like an NCCL
 // send/recv, an exchange starts once each side has reached it on its comm stream and completes
