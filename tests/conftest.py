@@ -84,6 +84,22 @@ def visible(i, j, seqlen_q, seqlen_k, causal, window_size):
     return True
 
 
+def global_mask(seqlen, causal, window_size):
+    """The same rule as visible() for s_q = s_k, as a (seqlen, seqlen) bool tensor over global
+    positions: query i sees key j iff (not causal or j <= i), j >= i - left and j <= i + right
+    (a bound of -1 is no bound)."""
+    offset = torch.arange(seqlen)[None, :] - torch.arange(seqlen)[:, None]  # j - i
+    mask = torch.ones(seqlen, seqlen, dtype=torch.bool)
+    left, right = window_size
+    if causal:
+        mask &= offset <= 0
+    if left >= 0:
+        mask &= offset >= -left
+    if right >= 0:
+        mask &= offset <= right
+    return mask
+
+
 def naive_attention(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
     """Independent float64 oracle: one explicit softmax per (batch, head, query row). Returns
     (out float64 (b, s_q, h, d), lse float64 (b, h, s_q)); a row with no visible key gives out 0

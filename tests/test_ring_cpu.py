@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import global_mask
 from ring_attn_ext import __main__ as main_job
 from ring_attn_ext import group_checks, ring
 from ring_attn_ext import ring_flash_attn as rfa
@@ -35,18 +36,9 @@ FUNCTIONS = {
 
 
 def oracle(q, k, v, causal, window_size, softmax_scale):
-    """Full attention over global positions, float64, written from the definition: query i sees
-    key j iff (not causal or j <= i) and i - left <= j (left >= 0) and j <= i + right (right >= 0)."""
-    seqlen = q.shape[1]
-    offset = torch.arange(seqlen)[None, :] - torch.arange(seqlen)[:, None]  # j - i
-    visible = torch.ones(seqlen, seqlen, dtype=torch.bool)
-    left, right = window_size
-    if causal:
-        visible &= offset <= 0
-    if left >= 0:
-        visible &= offset >= -left
-    if right >= 0:
-        visible &= offset <= right
+    """Full attention over global positions, float64, written from the definition (conftest's
+    global_mask)."""
+    visible = global_mask(q.shape[1], causal, window_size)
     groups = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale

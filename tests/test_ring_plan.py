@@ -3,25 +3,11 @@ the documented shapes of the balanced layouts, trimming, caching and errors."""
 import pytest
 import torch
 
+from conftest import global_mask
 from ring_attn_ext.ring_plan import Piece, build_plan
 from ring_attn_ext.sharding import LAYOUTS, positions
 
 WINDOWS = [(-1, -1), (0, 0), (1, 2), (3, -1), (-1, 2), (2, 0), (0, -1), (-1, 0), (5, 5), (20, 1)]
-
-
-def global_mask(seqlen, causal, window_size):
-    """Query i sees key j iff (not causal or j <= i) and j >= i - left and j <= i + right
-    (bounds -1 = unbounded), over global positions."""
-    offset = torch.arange(seqlen)[None, :] - torch.arange(seqlen)[:, None]
-    mask = torch.ones(seqlen, seqlen, dtype=torch.bool)
-    left, right = window_size
-    if causal:
-        mask &= offset <= 0
-    if left >= 0:
-        mask &= offset >= -left
-    if right >= 0:
-        mask &= offset <= right
-    return mask
 
 
 def piece_mask(piece):
