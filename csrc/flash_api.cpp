@@ -181,6 +181,13 @@ void flash_fwd_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     check_fp32(lse_accum, "lse_accum", q);
     check_shape(out_accum, "out_accum", {d.batch, d.seqlen_q, d.heads, d.head_dim});
     check_shape(lse_accum, "lse_accum", {d.batch, d.heads, d.seqlen_q});
+    // The merge epilogue reads and writes out_accum two floats (8 bytes) at a time.
+    RA_CHECK_VALUE(reinterpret_cast<uintptr_t>(out_accum.data_ptr()) % 8 == 0,
+                   "out_accum must start at an 8-byte aligned address");
+    for (int dim = 0; dim < 3; ++dim) {
+        RA_CHECK_VALUE(out_accum.stride(dim) % 2 == 0 || out_accum.size(dim) == 1, "out_accum stride ",
+                       out_accum.stride(dim), " of dimension ", dim, " must be even (8-byte aligned rows)");
+    }
     const MaskBand band = make_mask_band(d, key_offset_min, key_offset_max);
     FwdLauncher launcher = fwd_launcher_for(q, d, band);
     if (d.seqlen_q == 0 || d.seqlen_k == 0) return;  // nothing to merge

@@ -6,7 +6,8 @@ Every case draws fresh random inputs and checks
   - lse directly against the fp32 reference's lse (tight tolerance; -inf rows exactly -inf, never
     NaN or +inf);
   - the merge epilogue: keys split into chunks, each merged into an fp32 running (out, lse) with the
-    band shifted to chunk-local positions, in a shuffled order, equals attention over all keys.
+    band shifted to chunk-local positions, in a shuffled order, equals attention over all keys; an
+    accumulator without 8-byte aligned rows is refused.
 Shapes cover seqlens 1, 17, 127, 1000, 4097, s_q < s_k and s_q > s_k, batch > 1, GQA ratios 1, 4
 and 8, strided inputs (slices of packed tensors), and bands: full, bottom-right causal, a window,
 causal without the diagonal, an offset band that skips key blocks on both sides, and an empty band.
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from conftest import (CUDA_EXTENSION_SKIP_REASON, KERNEL_TEST_BANDS, assert_flash_rule, assert_lse_equal,
-                      kernel_test_band, max_error, poison_cuda_allocator, skip_unless_built)
+                      cuda_kernel_built, kernel_test_band, max_error, poison_cuda_allocator, skip_unless_built)
 from ring_attn_ext._extension import _C
 from ring_attn_ext.masks import band_for
 from ring_attn_ext.reference import attention_reference, merge_partial
@@ -193,3 +194,23 @@ def test_fwd_merge_state_rules(dtype, head_dim):
     same_merged, _ = merge_partial(state_out, state_lse, same_out.float(), ref_lse)
     assert_flash_rule(out_accum, want_out, same_merged, 2, "finite state: out")
     assert max_error(lse_accum, want_lse) <= LSE_ATOL, "finite state: lse"
+
+
+@pytest.mark.parametrize("layout", ("misaligned_start", "odd_row_stride"))
+def test_fwd_merge_rejects_unaligned_accumulator(layout):
+    """The merge epilogue moves the fp32 running output two floats at a time: an accumulator whose
+    rows do not start on 8-byte boundaries is refused with an error naming it."""
+    head_dim = _C.supported_head_dims()[0]
+    dtype = torch.bfloat16 if cuda_kernel_built(head_dim, torch.bfloat16, False) else torch.float16
+    batch, seqlen, heads = 1, 40, 2
+    q, k, v = random_inputs(batch, seqlen, seqlen, heads, heads, head_dim, dtype)
+    lse_accum = torch.full((batch, heads, seqlen), float("-inf"), device="cuda")
+    numel = batch * seqlen * heads * head_dim
+    if layout == "misaligned_start":
+        out_accum = torch.zeros(numel + 1, device="cuda")[1:].view(batch, seqlen, heads, head_dim)
+    else:
+        row = heads * head_dim + 1
+        out_accum = torch.zeros(batch, seqlen, row, device="cuda")[..., :heads * head_dim]
+        out_accum = out_accum.view(batch, seqlen, heads, head_dim)
+    with pytest.raises(ValueError, match="out_accum"):
+        _C.fwd_merge(q, k, v, out_accum, lse_accum, head_dim ** -0.5, None, None)

@@ -4,13 +4,19 @@
 // Per key block n (visited from the last to the first, so the only sequence-tail block comes first):
 //     wait K(n); barrier; start loading V(n)
 //     S = Q K(n)^T                 (ldmatrix + mma.sync, Q and K from swizzled shared memory)
-//     mask S when the block crosses the band edge or the end of the keys
+//     mask S (only blocks that cross a band edge or the end of the keys)
 //     wait V(n); barrier; start loading K(n-1)
 //     online softmax: P = exp2(S*scale_log2 - m*scale_log2), rescale O
 //     O += P V(n)                  (P stays in registers as the A operand)
 // K and V have one shared-memory buffer each: the load of V(n) overlaps Q.K^T and the load of
 // K(n-1) overlaps the softmax and P.V. Masked (band) kernels visit only key blocks that intersect
 // the band, so a causal call does about half the work of a full one.
+//
+// The blocks that need per-element masking sit at the two ends of the visited range (mask.h,
+// unmasked_key_blocks), so the key loop runs in three phases: masked blocks at the high end (the key
+// tail, a causal diagonal), then unmasked blocks with no mask code and no load predicates, then
+// masked blocks at the low end (a window's lower edge). Each phase is its own loop over the same
+// step, instantiated with and without masking, so the hot unmasked loop stays small.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -99,41 +105,59 @@ CUTE_DEVICE void compute_fwd_tile(const FwdParams& p, int m_block, int batch, in
     // (row, col) of every score this thread holds, for masking.
     Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
 
-    // Prologue: Q and the last key block.
-    int n_block = blocks.end - 1;
+    // Prologue: Q and the last key block (the only one that can extend past seqlen_k).
     copy_rows_zfill(gmem_load, tQgQ, tQsQ, tQcQ, p.seqlen_q - row0);
-    copy_rows_zfill(gmem_load, tKgK(_, _, _, n_block), tKsK, tKVcKV, p.seqlen_k - n_block * kBlockN);
+    const int last_col0 = (blocks.end - 1) * kBlockN;
+    copy_rows_zfill(gmem_load, tKgK(_, _, _, blocks.end - 1), tKsK, tKVcKV, p.seqlen_k - last_col0);
     cp_async_fence();
 
     OnlineSoftmax<Traits::kRowsPerThread> softmax;
-    CUTE_NO_UNROLL
-    for (; n_block >= blocks.begin; --n_block) {
+    // One key block. kMaskStep: the block may hold invisible scores or keys past seqlen_k.
+    // always_inline: three loops call it, and nvcc kept it out of line for d = 256, which moved the
+    // register fragments it captures to local memory.
+    auto process_key_block = [&](auto mask_step, int n_block) __attribute__((always_inline)) {
+        constexpr bool kMaskStep = decltype(mask_step)::value;
         const int col0 = n_block * kBlockN;
         Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
         clear(acc_s);
 
         cp_async_wait<0>();  // K(n) (and Q) landed
         __syncthreads();     // ... for every thread, and every warp is done with V(n+1)
-        copy_rows_zfill(gmem_load, tVgV(_, _, _, n_block), tVsV, tKVcKV, p.seqlen_k - col0);
+        if constexpr (kMaskStep) {
+            copy_rows_zfill(gmem_load, tVgV(_, _, _, n_block), tVsV, tKVcKV, p.seqlen_k - col0);
+        } else {
+            copy(gmem_load, tVgV(_, _, _, n_block), tVsV);
+        }
         cp_async_fence();
 
         gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_load_q, smem_thr_load_q, smem_load_k,
                        smem_thr_load_k);
-        if (block_needs_mask<kBlockM, kBlockN, kIsMasked>(row0, col0, p.seqlen_k, p.mask)) {
-            apply_band_mask<kIsMasked>(acc_s, cS, row0, col0, p.seqlen_k, p.mask);
-        }
+        if constexpr (kMaskStep) apply_band_mask<kIsMasked>(acc_s, cS, row0, col0, p.seqlen_k, p.mask);
 
         cp_async_wait<0>();  // V(n) landed
         __syncthreads();     // ... for every thread, and every warp is done with K(n)
         if (n_block > blocks.begin) {
-            copy_rows_zfill(gmem_load, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, p.seqlen_k - col0 + kBlockN);
+            // Only the last block reaches past seqlen_k, so K(n-1) needs no row predicate.
+            copy(gmem_load, tKgK(_, _, _, n_block - 1), tKsK);
             cp_async_fence();
         }
 
-        softmax.template update<kIsMasked>(acc_s, acc_o, p.softmax_scale_log2, n_block == blocks.end - 1);
+        const bool is_first = n_block == blocks.end - 1;
+        softmax.template update<kIsMasked && kMaskStep>(acc_s, acc_o, p.softmax_scale_log2, is_first);
         Tensor rP = convert_fragment<Element>(acc_s);
         Tensor tOrP = make_tensor(rP.data(), accumulator_as_operand_a(rP.layout()));
         gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_load_v, smem_thr_load_v);
+    };
+
+    const BlockRange unmasked = unmasked_key_blocks<kBlockM, kBlockN, kIsMasked>(row0, p.seqlen_k, p.mask, blocks);
+    int n_block = blocks.end - 1;
+    CUTE_NO_UNROLL
+    for (; n_block >= unmasked.end; --n_block) process_key_block(cute::true_type{}, n_block);
+    CUTE_NO_UNROLL
+    for (; n_block >= unmasked.begin; --n_block) process_key_block(cute::false_type{}, n_block);
+    if constexpr (kIsMasked) {
+        CUTE_NO_UNROLL
+        for (; n_block >= blocks.begin; --n_block) process_key_block(cute::true_type{}, n_block);
     }
 
     float lse[Traits::kRowsPerThread];

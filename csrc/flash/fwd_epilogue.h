@@ -68,9 +68,9 @@ CUTE_DEVICE void store_output(const FwdParams& p, AccO const& acc_o, const float
 //     L' = max(L, l) + log1p(exp(min(L, l) - max(L, l))),   O' = exp(L - L') O + exp(l - L') o.
 // l = -inf (the row saw no key in this call) leaves the row untouched; L = -inf (no contribution
 // yet) takes (o, l) as they are, without reading O. Each thread updates the elements it holds in
-// registers directly in global memory: the accumulators carry no alignment promise beyond a
-// contiguous last dimension, so accesses are scalar (the two accesses of a quad to a row's column
-// pair still cover 32 contiguous bytes together).
+// registers directly in global memory: an accumulator atom holds two neighbouring columns of a row,
+// so every access is one 8-byte float2 (the host requires 8-byte aligned rows), and the four lanes
+// of a quad together cover 32 contiguous bytes of the row.
 template <class Traits, class AccO>
 CUTE_DEVICE void merge_output(const FwdParams& p, AccO const& acc_o, const float (&lse)[Traits::kRowsPerThread],
                               int batch, int head, int m_block) {
@@ -84,6 +84,7 @@ CUTE_DEVICE void merge_output(const FwdParams& p, AccO const& acc_o, const float
     Tensor cO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     Tensor cO_rc = make_tensor(cO.data(), accumulator_rowcol(cO.layout()));  // (kRows, cols) -> (row, col)
     Tensor o_rc = make_tensor(acc_o.data(), accumulator_rowcol(acc_o.layout()));
+    static_assert(decltype(size<1>(o_rc))::value % 2 == 0, "columns come in pairs");
 
     float* running_out = static_cast<float*>(p.out) + batch * p.o_batch_stride + head * p.o_head_stride;
     float* running_lse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride;
@@ -103,21 +104,24 @@ CUTE_DEVICE void merge_output(const FwdParams& p, AccO const& acc_o, const float
         const int row = row0 + get<0>(cO_rc(r, 0));
         if (row >= p.seqlen_q || lse[r] == -INFINITY) continue;
         float* out_row = running_out + row * p.o_row_stride;
-        if (old_lse[r] == -INFINITY) {
-            CUTE_UNROLL
-            for (int c = 0; c < size<1>(o_rc); ++c) out_row[get<1>(cO_rc(r, c))] = o_rc(r, c);
-            if (writes_lse) running_lse[row] = lse[r];
-            continue;
+        float new_lse = lse[r], w_old = 0.f, w_new = 1.f;
+        if (old_lse[r] != -INFINITY) {
+            const float hi = fmaxf(old_lse[r], lse[r]);
+            const float lo = fminf(old_lse[r], lse[r]);
+            new_lse = hi + log1pf(expf(lo - hi));
+            w_old = expf(old_lse[r] - new_lse);
+            w_new = expf(lse[r] - new_lse);
         }
-        const float hi = fmaxf(old_lse[r], lse[r]);
-        const float lo = fminf(old_lse[r], lse[r]);
-        const float new_lse = hi + log1pf(expf(lo - hi));
-        const float w_old = expf(old_lse[r] - new_lse);
-        const float w_new = expf(lse[r] - new_lse);
         CUTE_UNROLL
-        for (int c = 0; c < size<1>(o_rc); ++c) {
-            float& dst = out_row[get<1>(cO_rc(r, c))];
-            dst = w_old * dst + w_new * o_rc(r, c);
+        for (int c = 0; c < size<1>(o_rc); c += 2) {
+            float2* dst = reinterpret_cast<float2*>(out_row + get<1>(cO_rc(r, c)));
+            float2 value = make_float2(w_new * o_rc(r, c), w_new * o_rc(r, c + 1));
+            if (old_lse[r] != -INFINITY) {
+                const float2 old = *dst;
+                value.x = fmaf(w_old, old.x, value.x);
+                value.y = fmaf(w_old, old.y, value.y);
+            }
+            *dst = value;
         }
         if (writes_lse) running_lse[row] = new_lse;
     }

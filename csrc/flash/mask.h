@@ -9,6 +9,7 @@
 #include <cute/tensor.hpp>
 
 #include "flash_params.h"
+#include "utils.h"
 
 namespace ring_attn {
 namespace flash {
@@ -37,32 +38,52 @@ CUTE_HOST_DEVICE BlockRange key_blocks_for_rows(int row_begin, int row_end, int 
     }
 }
 
-// Whether a (kBlockM x kBlockN) block of scores at (row0, col0) has any element that is invisible:
-// past the end of the keys, or (masked kernels) outside the band for some row of the block.
+// The key blocks of `blocks` whose (kBlockM x kBlockN) score tile at query row row0 needs no
+// per-element mask: every key is < seqlen_k and (masked kernels) inside the band for every row of the
+// tile. Such blocks form one contiguous range [begin, end): the key tail and the band's upper edge
+// only cut blocks at the high end, the band's lower edge only at the low end. An empty range comes
+// back as {blocks.begin, blocks.begin}, so a caller walking down from blocks.end - 1 masks every block.
 template <int kBlockM, int kBlockN, bool kIsMasked>
-CUTE_DEVICE bool block_needs_mask(int row0, int col0, int seqlen_k, MaskBand band) {
-    if (col0 + kBlockN > seqlen_k) return true;
+CUTE_HOST_DEVICE BlockRange unmasked_key_blocks(int row0, int seqlen_k, MaskBand band, BlockRange blocks) {
+    // Block n is clear of the high cuts iff (n + 1) * kBlockN <= keys_below, of the low cut iff
+    // n * kBlockN >= lowest_clear_key.
+    int keys_below = seqlen_k;
+    int lowest_clear_key = 0;
     if constexpr (kIsMasked) {
-        // j - i over the block spans [col0 - (row0 + kBlockM - 1), col0 + kBlockN - 1 - row0].
-        return col0 - (row0 + kBlockM - 1) < band.key_offset_min || col0 + kBlockN - 1 - row0 > band.key_offset_max;
+        // Row i sees keys up to i + key_offset_max; the tile's first row sees the fewest.
+        keys_below = min(keys_below, row0 + band.key_offset_max + 1);
+        // Row i sees keys from i + key_offset_min; the tile's last row starts the latest.
+        lowest_clear_key = row0 + kBlockM - 1 + band.key_offset_min;
     }
-    return false;
+    const int end = min(blocks.end, keys_below > 0 ? keys_below / kBlockN : 0);
+    const int begin = max(blocks.begin, lowest_clear_key > 0 ? (lowest_clear_key + kBlockN - 1) / kBlockN : 0);
+    if (begin >= end) return {blocks.begin, blocks.begin};
+    return {begin, end};
 }
 
 // Sets invisible entries of an accumulator fragment of scores to -inf. `coords` is the same
-// partition of an identity tensor over the (kBlockM, kBlockN) tile: coords(i) = (row, col) in the tile.
+// partition of an identity tensor over the (kBlockM, kBlockN) tile: coords(i) = (row, col) in the
+// tile. Both are viewed as (rows, cols) so each row's visible key interval is computed once.
 template <bool kIsMasked, class Scores, class Coords>
 CUTE_DEVICE void apply_band_mask(Scores& scores, Coords const& coords, int row0, int col0, int seqlen_k,
                                  MaskBand band) {
+    Tensor s = make_tensor(scores.data(), accumulator_rowcol(scores.layout()));  // (rows, cols)
+    Tensor c = make_tensor(coords.data(), accumulator_rowcol(coords.layout()));
     CUTE_UNROLL
-    for (int i = 0; i < size(scores); ++i) {
-        const int row = row0 + get<0>(coords(i));
-        const int col = col0 + get<1>(coords(i));
-        bool visible = col < seqlen_k;
+    for (int r = 0; r < size<0>(s); ++r) {
+        // Visible tile columns of this row: [first, last], in tile coordinates.
+        const int row = row0 + get<0>(c(r, 0));
+        int last = seqlen_k - 1 - col0;
+        int first = 0;
         if constexpr (kIsMasked) {
-            visible = visible && col - row >= band.key_offset_min && col - row <= band.key_offset_max;
+            last = min(last, row + band.key_offset_max - col0);
+            first = row + band.key_offset_min - col0;
         }
-        if (!visible) scores(i) = -INFINITY;
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s); ++j) {
+            const int col = get<1>(c(r, j));
+            if (col > last || (kIsMasked && col < first)) s(r, j) = -INFINITY;
+        }
     }
 }
 
