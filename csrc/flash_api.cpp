@@ -197,17 +197,46 @@ void flash_fwd_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
-    check_cuda_4d(out, "out", out);
-    check_cuda_4d(dout, "dout", out);
-    check_shape(dout, "dout", out.sizes());
-    RA_CHECK_TYPE(dout.scalar_type() == out.scalar_type(), "dout must have the dtype of out (",
-                     out.scalar_type(), "), got ", dout.scalar_type());
-    const DType dtype = to_dtype(out, "out");
-    c10::cuda::CUDAGuard guard(out.device());
-    at::Tensor delta = at::empty({out.size(0), out.size(2), out.size(1)}, out.options().dtype(at::kFloat));
-    if (out.size(1) == 0) return delta;
+namespace {
+
+// The checks every backward entry point makes of dout and lse (q, k, v are checked by check_qkv).
+void check_dout_lse(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& lse, const Dims& d) {
+    check_cuda_4d(dout, "dout", q);
+    check_shape(dout, "dout", q.sizes());
+    RA_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
+    check_fp32(lse, "lse", q);
+    check_shape(lse, "lse", {d.batch, d.heads, d.seqlen_q});
+}
+
+// Inputs, strides and mask of a backward call; the destinations of dq, dk and dv are set by the caller.
+BwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& lse, const at::Tensor& delta, const Dims& d, double softmax_scale,
+                          const MaskBand& band) {
     BwdParams p{};
+    fill_common(p, q, k, v, d, softmax_scale, band);
+    p.dout = dout.data_ptr();
+    p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+    p.lse = lse.data_ptr<float>();
+    p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
+    p.delta = const_cast<float*>(delta.data_ptr<float>());
+    p.delta_batch_stride = delta.stride(0), p.delta_head_stride = delta.stride(1);
+    return p;
+}
+
+void set_dq_accum(BwdParams& p, at::Tensor& dq_accum) {
+    p.dq_accum = dq_accum.data_ptr<float>();
+    p.dq_batch_stride = dq_accum.stride(0), p.dq_row_stride = dq_accum.stride(1);
+    p.dq_head_stride = dq_accum.stride(2);
+}
+
+// dk/dv strides of either destination (fp32 accumulators or dtype outputs).
+void set_dkv_strides(BwdParams& p, const at::Tensor& dk, const at::Tensor& dv) {
+    p.dk_batch_stride = dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
+    p.dv_batch_stride = dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
+}
+
+// The delta kernel's own fields: out and dout of the forward's output rows, delta to write.
+void set_delta_inputs(BwdParams& p, const at::Tensor& dout, const at::Tensor& out, at::Tensor& delta) {
     p.out = out.data_ptr();
     p.dout = dout.data_ptr();
     p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
@@ -215,6 +244,26 @@ at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
     p.delta = delta.data_ptr<float>();
     p.delta_batch_stride = delta.stride(0), p.delta_head_stride = delta.stride(1);
     p.batch = out.size(0), p.seqlen_q = out.size(1), p.heads = out.size(2), p.head_dim = out.size(3);
+}
+
+void check_out_dout(const at::Tensor& dout, const at::Tensor& out) {
+    check_cuda_4d(out, "out", out);
+    check_cuda_4d(dout, "dout", out);
+    check_shape(dout, "dout", out.sizes());
+    RA_CHECK_TYPE(dout.scalar_type() == out.scalar_type(), "dout must have the dtype of out (",
+                     out.scalar_type(), "), got ", dout.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
+    check_out_dout(dout, out);
+    const DType dtype = to_dtype(out, "out");
+    c10::cuda::CUDAGuard guard(out.device());
+    at::Tensor delta = at::empty({out.size(0), out.size(2), out.size(1)}, out.options().dtype(at::kFloat));
+    if (out.size(1) == 0) return delta;
+    BwdParams p{};
+    set_delta_inputs(p, dout, out, delta);
     launch_bwd_delta(p, dtype, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return delta;
@@ -226,12 +275,8 @@ void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at:
                           std::optional<int64_t> key_offset_min, std::optional<int64_t> key_offset_max) {
     const Dims d = check_qkv(q, k, v);
     check_scale(softmax_scale);
-    check_cuda_4d(dout, "dout", q);
-    check_shape(dout, "dout", q.sizes());
-    RA_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
-    check_fp32(lse, "lse", q);
+    check_dout_lse(dout, q, lse, d);
     check_fp32(delta, "delta", q);
-    check_shape(lse, "lse", {d.batch, d.heads, d.seqlen_q});
     check_shape(delta, "delta", {d.batch, d.heads, d.seqlen_q});
     check_fp32(dq_accum, "dq_accum", q);
     check_fp32(dk_accum, "dk_accum", q);
@@ -243,23 +288,11 @@ void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at:
     BwdLauncher launcher = bwd_launcher_for(q, d, band);
     if (d.seqlen_q == 0 || d.seqlen_k == 0) return;
     c10::cuda::CUDAGuard guard(q.device());
-    BwdParams p{};
-    fill_common(p, q, k, v, d, softmax_scale, band);
-    p.dout = dout.data_ptr();
-    p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
-    p.lse = lse.data_ptr<float>();
-    p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
-    p.delta = const_cast<float*>(delta.data_ptr<float>());
-    p.delta_batch_stride = delta.stride(0), p.delta_head_stride = delta.stride(1);
-    p.dq_accum = dq_accum.data_ptr<float>();
+    BwdParams p = make_bwd_params(dout, q, k, v, lse, delta, d, softmax_scale, band);
+    set_dq_accum(p, dq_accum);
     p.dk_accum = dk_accum.data_ptr<float>();
     p.dv_accum = dv_accum.data_ptr<float>();
-    p.dq_batch_stride = dq_accum.stride(0), p.dq_row_stride = dq_accum.stride(1);
-    p.dq_head_stride = dq_accum.stride(2);
-    p.dk_batch_stride = dk_accum.stride(0), p.dk_row_stride = dk_accum.stride(1);
-    p.dk_head_stride = dk_accum.stride(2);
-    p.dv_batch_stride = dv_accum.stride(0), p.dv_row_stride = dv_accum.stride(1);
-    p.dv_head_stride = dv_accum.stride(2);
+    set_dkv_strides(p, dk_accum, dv_accum);
     launcher(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -270,15 +303,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout,
                                                          double softmax_scale,
                                                          std::optional<int64_t> key_offset_min,
                                                          std::optional<int64_t> key_offset_max) {
-    check_shape(out, "out", q.sizes());
+    const Dims d = check_qkv(q, k, v);
+    check_scale(softmax_scale);
+    check_dout_lse(dout, q, lse, d);
+    check_out_dout(dout, out);
+    const MaskBand band = make_mask_band(d, key_offset_min, key_offset_max);
+    BwdLauncher launcher = bwd_launcher_for(q, d, band);
     c10::cuda::CUDAGuard guard(q.device());
-    at::Tensor delta = flash_bwd_delta(dout, out);
-    auto fp32 = q.options().dtype(at::kFloat);
-    at::Tensor dq_accum = at::zeros(q.sizes(), fp32);
+    if (d.seqlen_q == 0 || d.seqlen_k == 0) {
+        return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
+                at::zeros(v.sizes(), v.options())};
+    }
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const auto fp32 = q.options().dtype(at::kFloat);
+
+    // dq sums over key blocks through fp32 atomics; the delta kernel zero-fills the accumulator in
+    // the same pass that computes delta.
+    at::Tensor dq_accum = at::empty(q.sizes(), fp32);
+    at::Tensor delta = at::empty({d.batch, d.heads, d.seqlen_q}, fp32);
+    BwdParams p = make_bwd_params(dout, q, k, v, lse, delta, d, softmax_scale, band);
+    set_dq_accum(p, dq_accum);
+    set_delta_inputs(p, dout, out, delta);
+    launch_bwd_delta(p, to_dtype(q, "q"), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    if (d.heads == d.heads_kv) {
+        // Each dK/dV tile has one owner CTA, which writes it in the input dtype: no fp32 buffers.
+        at::Tensor dk = at::empty(k.sizes(), k.options());
+        at::Tensor dv = at::empty(v.sizes(), v.options());
+        p.dk_out = dk.data_ptr();
+        p.dv_out = dv.data_ptr();
+        set_dkv_strides(p, dk, dv);
+        launcher(p, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return {dq_accum.to(q.scalar_type()), dk, dv};
+    }
+    // GQA: the query heads of a group add into one kv head's fp32 accumulators.
     at::Tensor dk_accum = at::zeros(k.sizes(), fp32);
     at::Tensor dv_accum = at::zeros(v.sizes(), fp32);
-    flash_bwd_accumulate(dout, q, k, v, lse, delta, dq_accum, dk_accum, dv_accum, softmax_scale, key_offset_min,
-                         key_offset_max);
+    p.dk_accum = dk_accum.data_ptr<float>();
+    p.dv_accum = dv_accum.data_ptr<float>();
+    set_dkv_strides(p, dk_accum, dv_accum);
+    launcher(p, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {dq_accum.to(q.scalar_type()), dk_accum.to(k.scalar_type()), dv_accum.to(v.scalar_type())};
 }
 

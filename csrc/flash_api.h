@@ -37,7 +37,9 @@ void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at:
                           at::Tensor& dk_accum, at::Tensor& dv_accum, double softmax_scale,
                           std::optional<int64_t> key_offset_min, std::optional<int64_t> key_offset_max);
 
-// Plain backward: (dq, dk, dv) in the input dtype.
+// Plain backward: (dq, dk, dv) in the input dtype. dq accumulates in an fp32 buffer that the delta
+// kernel zero-fills; without GQA the kernel writes dk and dv directly in the input dtype (with GQA
+// they accumulate in fp32 and are converted at the end).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                          const at::Tensor& k, const at::Tensor& v,
                                                          const at::Tensor& out, const at::Tensor& lse,

@@ -10,9 +10,14 @@ _C.fwd first. Every case draws fresh random inputs and checks
   - bwd_accumulate ADDS into caller-owned fp32 accumulators: pre-filled random values stay bit for
     bit where nothing is added, and dk/dv (one owner per tile without GQA) are exactly prefill + the
     same call's result from zero;
+  - accumulators whose column pairs are not 8-byte aligned get the same sums (scalar paths);
   - splitting the keys into two bwd_accumulate calls (bands shifted to chunk-local positions, the
     GLOBAL lse and delta) gives the same gradients as one call over all keys;
-  - delta = rowsum(dout * out) in fp32.
+  - delta = rowsum(dout * out) in fp32, for the compiled head dims and for odd ones (scalar tails,
+    several passes per row);
+  - _C.bwd without GQA gets dk and dv written by the kernel in the input dtype and its dq accumulator
+    zero-filled by the delta kernel: the poisoned allocator makes any element they miss show as NaN;
+    empty sequences give zero gradients.
 Shapes cover seqlens 1, 17, 127, 1000, 2049, s_q < s_k and s_q > s_k, batch > 1, GQA ratios 1, 4
 and 8, strided inputs (slices of packed tensors), and bands: full, bottom-right causal, a window,
 causal without the diagonal, an offset band that skips query blocks on both sides, and an empty band.
@@ -193,6 +198,21 @@ def test_bwd_after_kernel_forward(dtype, head_dim):
     ref.check(_C.bwd(dout, q, k, v, out, lse, scale, kmin, kmax), "after _C.fwd")
 
 
+@pytest.mark.parametrize("empty", ("seqlen_q", "seqlen_k"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_empty_sequence_gives_zero_gradients(dtype, empty):
+    head_dim = _C.supported_head_dims()[0]
+    skip_unless_backward_built(head_dim, dtype)
+    seqlen_q, seqlen_k = (0, 5) if empty == "seqlen_q" else (5, 0)
+    q, k, v, dout = random_inputs(2, seqlen_q, seqlen_k, 4, 2, head_dim, dtype)
+    out = torch.zeros_like(q)
+    lse = torch.full((2, 4, seqlen_q), float("-inf"), device="cuda")
+    poison_cuda_allocator()
+    for grad, like in zip(_C.bwd(dout, q, k, v, out, lse, head_dim ** -0.5, None, None), (q, k, v)):
+        assert grad.shape == like.shape and grad.dtype == like.dtype
+        assert (grad == 0).all()
+
+
 # ---------------------------------------------------------------------------------- bwd_accumulate
 
 @pytest.mark.parametrize("heads_kv", (4, 1), ids=("mha", "gqa4"))
@@ -231,6 +251,35 @@ def test_bwd_accumulate_adds_into_prefilled_accumulators(dtype, head_dim, heads_
             # Atomic adds from several CTAs: fp32 rounding depends on their order.
             tolerance = 1e-6 * (base.abs().max().item() + increment.abs().max().item())
             assert max_error(got, base + increment) <= tolerance, f"{name}: not prefill + increment"
+
+
+@pytest.mark.parametrize("heads_kv", (4, 1), ids=("mha", "gqa4"))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_accumulate_into_unaligned_accumulators(dtype, head_dim, heads_kv):
+    """Accumulators whose column pairs are not 8-byte aligned (views one float into a wider buffer)
+    take the kernel's scalar paths; they must add the same values as aligned ones."""
+    skip_unless_backward_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads = 2, 300, 260, 4
+    q, k, v, dout = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    kmin, kmax = band_for(seqlen_q, seqlen_k, causal=True)
+    scale = head_dim ** -0.5
+    out, lse = attention_reference(q, k, v, scale, kmin, kmax)
+    delta = _C.bwd_delta(dout, out)
+    aligned = [torch.zeros(t.shape, device="cuda") for t in (q, k, v)]
+    _C.bwd_accumulate(dout, q, k, v, lse, delta, *aligned, scale, kmin, kmax)
+    prefill = [torch.randn(t.shape, device="cuda") for t in (q, k, v)]
+    unaligned = []
+    for t in prefill:
+        wide = torch.empty(*t.shape[:-1], head_dim + 2, device="cuda")
+        view = wide[..., 1:1 + head_dim]
+        view.copy_(t)
+        unaligned.append(view)
+    _C.bwd_accumulate(dout, q, k, v, lse, delta, *unaligned, scale, kmin, kmax)
+    torch.cuda.synchronize()
+    for name, got, base, want in zip(("dq", "dk", "dv"), unaligned, prefill, aligned):
+        tolerance = 1e-6 * (base.abs().max().item() + want.abs().max().item())
+        assert max_error(got, base + want) <= tolerance, f"{name}: unaligned accumulator differs"
 
 
 @pytest.mark.parametrize("band_kind", ("full", "causal", "window", "causal_strict"))
@@ -280,4 +329,21 @@ def test_bwd_delta_is_rowsum_of_dout_times_out(dtype, head_dim):
     want = (dout.double() * out.double()).sum(dim=-1).transpose(1, 2)
     assert delta.dtype == torch.float32 and delta.shape == (batch, heads, seqlen)
     assert torch.isfinite(delta).all()
+    assert max_error(delta, want) <= 1e-5 * math.sqrt(head_dim)
+
+
+@pytest.mark.parametrize("head_dim", (8, 20, 40, 520))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_delta_odd_head_dims(dtype, head_dim):
+    """Head dims the attention kernels do not compile: one 16-byte chunk per row, a tail that is not
+    a whole chunk (20, read from a padded slice so rows stay 16-byte aligned), idle lanes (40) and
+    rows longer than one pass of the lanes (520)."""
+    batch, seqlen, heads = 2, 77, 3
+    padded = (head_dim + 7) // 8 * 8
+    out = torch.randn(batch, seqlen, heads, padded, device="cuda", dtype=dtype)[..., :head_dim]
+    dout = torch.randn(batch, seqlen, heads, padded, device="cuda", dtype=dtype)[..., :head_dim]
+    delta = _C.bwd_delta(dout, out)
+    torch.cuda.synchronize()
+    want = (dout.double() * out.double()).sum(dim=-1).transpose(1, 2)
+    assert delta.shape == (batch, heads, seqlen) and torch.isfinite(delta).all()
     assert max_error(delta, want) <= 1e-5 * math.sqrt(head_dim)

@@ -2,8 +2,13 @@
 // views, conversion and global fp32 accumulation.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_conversion.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace ring_attn {
 namespace bwd {
@@ -60,6 +65,22 @@ __device__ __forceinline__ auto convert_fragment(const cute::Tensor<Engine, Layo
     return dst;
 }
 
+// Two adjacent 16-bit values (at `first`, 4-byte aligned) as floats. A bf16 is the upper half of the
+// float with the same value, so two bit operations unpack a pair.
+template <typename Element>
+__device__ __forceinline__ float2 unpack_pair(const Element* first) {
+    uint32_t packed;
+    memcpy(&packed, first, sizeof(packed));
+    if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+        return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
+    } else {
+        static_assert(std::is_same_v<Element, cutlass::half_t>);
+        __half2 pair;
+        memcpy(&pair, &packed, sizeof(pair));
+        return __half22float2(pair);
+    }
+}
+
 // Hopper has a vector atomic for an 8-byte aligned float pair: one instruction instead of two.
 template <bool kPairAligned>
 __device__ __forceinline__ void atomic_add_pair(float* address, float x, float y) {
@@ -73,51 +94,107 @@ __device__ __forceinline__ void atomic_add_pair(float* address, float x, float y
     atomicAdd(address + 1, y);
 }
 
-// Adds a fragment of an m16n8 accumulator, times `scale`, into fp32 global memory: `dst` and
-// `coord` are the same tile partitioned like the accumulator (partition_C), and only rows below
-// `rows` are written. Each thread's values come in pairs of adjacent columns; with 8-byte aligned
-// pairs they move as float2.
-// kAtomic: several CTAs add into the same addresses; otherwise a plain read-add-write.
-template <bool kAtomic, bool kPairAligned, typename Acc, typename Dst, typename Coord>
-__device__ __forceinline__ void add_fragment_impl(const Acc& acc, Dst& dst, const Coord& coord, int rows, float scale) {
+// Calls f(pair index, coordinate of the pair's first value, of its second value) for every pair of
+// adjacent columns held by this thread in an m16n8 accumulator fragment ((2 cols, 2 rows), MMA_M,
+// MMA_N). Pair indices run from 0 to size(acc) / 2 - 1 and are compile-time constants once unrolled.
+template <typename Acc, typename F>
+__device__ __forceinline__ void for_each_pair(const Acc& acc, F&& f) {
     using namespace cute;
+    constexpr int kMmaN = decltype(size<2>(acc))::value;
     CUTE_UNROLL
     for (int mi = 0; mi < size<1>(acc); ++mi) {
         CUTE_UNROLL
-        for (int ni = 0; ni < size<2>(acc); ++ni) {
+        for (int ni = 0; ni < kMmaN; ++ni) {
             CUTE_UNROLL
             for (int half = 0; half < 2; ++half) {
-                const auto first = make_coord(make_coord(0, half), mi, ni);
-                const auto second = make_coord(make_coord(1, half), mi, ni);
-                if (get<0>(coord(first)) >= rows) continue;
-                float* address = &dst(first);
-                // Rounded products (no fused multiply-add into the accumulator): adding into a
-                // prefilled accumulator then equals adding this call's own result to it.
-                const float x = __fmul_rn(acc(first), scale), y = __fmul_rn(acc(second), scale);
-                if constexpr (kAtomic) {
-                    atomic_add_pair<kPairAligned>(address, x, y);
-                } else if constexpr (kPairAligned) {
-                    float2 value = *reinterpret_cast<float2*>(address);
-                    value.x += x;
-                    value.y += y;
-                    *reinterpret_cast<float2*>(address) = value;
-                } else {
-                    address[0] += x;
-                    address[1] += y;
-                }
+                f((mi * kMmaN + ni) * 2 + half, make_coord(make_coord(0, half), mi, ni),
+                  make_coord(make_coord(1, half), mi, ni));
             }
         }
     }
 }
 
-template <bool kAtomic, typename Acc, typename Dst, typename Coord>
-__device__ __forceinline__ void add_fragment(const Acc& acc, Dst&& dst, const Coord& coord, int rows, float scale,
-                                             bool pair_aligned) {
-    if (pair_aligned) {
-        add_fragment_impl<kAtomic, true>(acc, dst, coord, rows, scale);
+template <bool kPairAligned>
+__device__ __forceinline__ float2 load_pair(const float* address) {
+    if constexpr (kPairAligned) {
+        return *reinterpret_cast<const float2*>(address);
     } else {
-        add_fragment_impl<kAtomic, false>(acc, dst, coord, rows, scale);
+        return make_float2(address[0], address[1]);
     }
+}
+
+template <bool kPairAligned>
+__device__ __forceinline__ void store_pair(float* address, float2 value) {
+    if constexpr (kPairAligned) {
+        *reinterpret_cast<float2*>(address) = value;
+    } else {
+        address[0] = value.x;
+        address[1] = value.y;
+    }
+}
+
+// What add_fragment does with each pair of a thread's accumulator values.
+enum class FragmentOp {
+    kAtomicAdd,  // several CTAs add into the same addresses
+    kAdd,        // this CTA owns the addresses: plain read-add-write
+};
+
+// Adds a fragment of an m16n8 accumulator into fp32 global memory: `dst` and `coord` are the same
+// tile partitioned like the accumulator (partition_C), and only rows below `rows` are touched
+// (kAllRows: the caller knows that every row of the tile is). Each thread's values come in pairs of
+// adjacent columns; with 8-byte aligned pairs they move as float2.
+template <FragmentOp kOp, bool kPairAligned, bool kAllRows, typename Acc, typename Dst, typename Coord>
+__device__ __forceinline__ void add_fragment_impl(const Acc& acc, Dst& dst, const Coord& coord, int rows) {
+    using namespace cute;
+    auto in_rows = [&](const auto& first) { return kAllRows || get<0>(coord(first)) < rows; };
+    if constexpr (kOp == FragmentOp::kAtomicAdd) {
+        for_each_pair(acc, [&](int, const auto& first, const auto& second) {
+            if (in_rows(first)) atomic_add_pair<kPairAligned>(&dst(first), acc(first), acc(second));
+        });
+    } else {
+        // Every read is issued before the first write. Interleaved, the compiler must assume that a
+        // store may alias the next load and waits out one round trip to memory per pair (64 in a
+        // row per thread at d128 in the SASS of that version: tens of microseconds per CTA, which
+        // short sequences, with few query blocks per CTA, cannot hide).
+        float2 old[decltype(size(acc))::value / 2];
+        for_each_pair(acc, [&](int i, const auto& first, const auto&) {
+            if (in_rows(first)) old[i] = load_pair<kPairAligned>(&dst(first));
+        });
+        for_each_pair(acc, [&](int i, const auto& first, const auto& second) {
+            if (in_rows(first)) {
+                store_pair<kPairAligned>(&dst(first), make_float2(old[i].x + acc(first), old[i].y + acc(second)));
+            }
+        });
+    }
+}
+
+// The common case, a tile whose kTileRows rows all exist with aligned pairs, gets its own copy of the
+// code without row tests (in the dQ loop they cost a branch around every atomic); everything else
+// (a CTA's first query block at most, or unaligned accumulators) takes the general copy. The choice
+// is the same for the whole CTA.
+template <FragmentOp kOp, int kTileRows, typename Acc, typename Dst, typename Coord>
+__device__ __forceinline__ void add_fragment(const Acc& acc, Dst&& dst, const Coord& coord, int rows,
+                                             bool pair_aligned) {
+    if (pair_aligned && rows >= kTileRows) {
+        add_fragment_impl<kOp, true, true>(acc, dst, coord, rows);
+    } else {
+        add_fragment_impl<kOp, false, false>(acc, dst, coord, rows);
+    }
+}
+
+// Writes a fragment of an m16n8 accumulator, rounded to Element, to global memory (rows below `rows`
+// only), one 4-byte store per pair of adjacent columns. Once per CTA for its dK/dV tile, so the
+// half-filled 32-byte sectors of each store cost little.
+template <typename Element, typename Acc, typename Dst, typename Coord>
+__device__ __forceinline__ void store_fragment(const Acc& acc, Dst&& dst, const Coord& coord, int rows) {
+    using namespace cute;
+    for_each_pair(acc, [&](int, const auto& first, const auto& second) {
+        if (get<0>(coord(first)) >= rows) return;
+        cutlass::AlignedArray<Element, 2> pair;
+        pair[0] = static_cast<Element>(acc(first));
+        pair[1] = static_cast<Element>(acc(second));
+        *reinterpret_cast<cutlass::AlignedArray<Element, 2>*>(&dst(first)) = pair;
+    });
 }
 
 // Whether every (column-even) pair of an fp32 (batch, rows, heads, cols) tensor is 8-byte aligned.

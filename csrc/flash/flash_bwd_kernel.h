@@ -3,12 +3,15 @@
 // see any of its keys, from the last to the first. For each query block it recomputes the
 // probabilities from the saved log-sum-exp, accumulates dK and dV in registers, and adds its share of
 // dQ into the caller's fp32 dq_accum with atomics. At the end it adds dK and dV into the caller's fp32
-// dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA).
+// dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA), or, for a plain
+// backward without GQA, writes them in the input dtype to dk_out / dv_out.
 //
 // Math, with S the unscaled scores and scale = softmax_scale:
 //   P  = exp(scale * S - lse) = exp2(S * scale * log2(e) - lse * log2(e))
-//   dP = dO V^T;   dS = P o (dP - delta), delta = rowsum(dO o O)
-//   dV = P^T dO;   dK = scale * dS^T Q;   dQ = scale * dS K
+//   dP = dO V^T;   dS = scale * P o (dP - delta), delta = rowsum(dO o O)
+//   dV = P^T dO;   dK = dS^T Q;   dQ = dS K
+// (dS carries the softmax scale, which both dK and dQ need: one FMA per dS element instead of a
+// multiply per dQ element every block and per dK element at the end.)
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -69,7 +72,21 @@ __device__ __forceinline__ auto shape_only(const Shape& shape) {
     return cute::make_tensor(cute::make_smem_ptr(static_cast<Element*>(nullptr)), cute::make_layout(shape));
 }
 
-template <typename Traits, bool kIsMasked>
+// Zeroes `rows` rows of kHeadDim elements (16-byte aligned, row_stride apart) starting `offset`
+// elements into `base`, 16 bytes per thread and store.
+template <typename Element, int kHeadDim>
+__device__ __forceinline__ void zero_rows(void* base, int64_t offset, int64_t row_stride, int rows) {
+    constexpr int kChunksPerRow = kHeadDim * int(sizeof(Element)) / 16;
+    Element* start = static_cast<Element*>(base) + offset;
+    for (int chunk = threadIdx.x; chunk < rows * kChunksPerRow; chunk += blockDim.x) {
+        const int row = chunk / kChunksPerRow, col = chunk % kChunksPerRow;
+        reinterpret_cast<uint4*>(start + row * row_stride)[col] = make_uint4(0, 0, 0, 0);
+    }
+}
+
+// kKeysTail: the key block may end past seqlen_k, so P needs its columns masked (kIsMasked kernels
+// always pass true: their band mask covers the tail in the same branch).
+template <typename Traits, bool kIsMasked, bool kKeysTail>
 __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* smem_raw) {
     using namespace cute;
     using Element = typename Traits::Element;
@@ -88,9 +105,21 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
     const int head_kv = head / (params.heads / params.heads_kv);
     const int key_begin = n_block * kBlockN;
     const int keys_in_block = min(kBlockN, params.seqlen_k - key_begin);
+    // Where this CTA's dK and dV rows start in their destination (accumulators or outputs).
+    const int64_t dk_offset = batch * params.dk_batch_stride + head_kv * params.dk_head_stride +
+                              int64_t(key_begin) * params.dk_row_stride;
+    const int64_t dv_offset = batch * params.dv_batch_stride + head_kv * params.dv_head_stride +
+                              int64_t(key_begin) * params.dv_row_stride;
 
     const QueryRange queries = visible_queries<kIsMasked>(params, key_begin, key_begin + keys_in_block);
-    if (queries.begin >= queries.end) return;  // no query sees these keys: nothing to add
+    if (queries.begin >= queries.end) {
+        // No query sees these keys: nothing to add, but written outputs must hold zeros.
+        if (params.dk_out != nullptr) {
+            zero_rows<Element, kHeadDim>(params.dk_out, dk_offset, params.dk_row_stride, keys_in_block);
+            zero_rows<Element, kHeadDim>(params.dv_out, dv_offset, params.dv_row_stride, keys_in_block);
+        }
+        return;
+    }
     const int m_block_first = queries.begin / kBlockM;
     const int m_block_last = (queries.end - 1) / kBlockM;
 
@@ -207,29 +236,44 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
     load_rows(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO(_, _, _, 0), tQcQ, params.seqlen_q - m_block * kBlockM);
     cute::cp_async_fence();
 
+    const float scale = params.softmax_scale;
     const float scale_log2 = params.softmax_scale_log2;
-    const bool keys_tail = keys_in_block < kBlockN;
+    const bool keys_tail = kKeysTail && keys_in_block < kBlockN;
     int stage = 0;
 
     for (; m_block >= m_block_first; --m_block) {
         const int query_begin = m_block * kBlockM;
         const int rows_in_block = min(kBlockM, params.seqlen_q - query_begin);
 
-        // This thread's rows of lse (as a base-2 exponent offset) and delta. Rows past seqlen_q and
-        // rows with lse = -inf (they see no key at all) get +inf, which makes their P exactly 0.
+        // This thread's rows of lse (as a base-2 exponent offset) and scale * delta. Rows past
+        // seqlen_q and rows with lse = -inf (they see no key at all) get +inf, which makes their P
+        // exactly 0.
         float lse_log2[kRows];
-        float delta_row[kRows];
+        float scaled_delta[kRows];
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
             const int row = query_begin + get<0>(tScS_rc(r, 0));
             const bool valid = row < params.seqlen_q;
             const float l = valid ? lse[row] : -INFINITY;
             lse_log2[r] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
-            delta_row[r] = valid ? delta[row] : 0.f;
+            scaled_delta[r] = valid ? delta[row] * scale : 0.f;
         }
 
         cute::cp_async_wait<0>();
         __syncthreads();  // this block's Q/dO (and K/V) have landed; every warp is done with the last block
+
+        // The next query block loads into the other buffer (free since the barrier above: the last
+        // block's products have all read it) during this whole block. (Only the first block of the
+        // walk can end past seqlen_q, so the row tests always pass here; without them ptxas keeps the
+        // addresses live across the loop and spills inside it, seen at d128.)
+        if constexpr (kStages == 2) {
+            if (m_block > m_block_first) {
+                const int next_rows = params.seqlen_q - (m_block - 1) * kBlockM;
+                load_rows(gmem_copy, tQgQ(_, _, _, m_block - 1), tQsQ(_, _, _, stage ^ 1), tQcQ, next_rows);
+                load_rows(gmem_copy, tdOgdO(_, _, _, m_block - 1), tdOsdO(_, _, _, stage ^ 1), tQcQ, next_rows);
+            }
+            cute::cp_async_fence();
+        }
 
         // S = Q K^T, then P in place of S.
         Tensor acc_s = partition_fragment_C(mma_sdp, TileS{});
@@ -265,46 +309,45 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
         Tensor rP = convert_fragment<Element>(acc_s);
         copy(rP, tPsP);
 
-        // The next query block loads into the other buffer (free since the barrier above) while this
-        // one computes. (Measured on H100, d64/d128: issuing it right after the barrier instead, and
-        // computing dQ after dK, was about 4% faster; this order is the one the full test run covered.)
-        if constexpr (kStages == 2) {
-            if (m_block > m_block_first) {
-                const int next_rows = params.seqlen_q - (m_block - 1) * kBlockM;
-                load_rows(gmem_copy, tQgQ(_, _, _, m_block - 1), tQsQ(_, _, _, stage ^ 1), tQcQ, next_rows);
-                load_rows(gmem_copy, tdOgdO(_, _, _, m_block - 1), tdOsdO(_, _, _, stage ^ 1), tQcQ, next_rows);
-            }
-            cute::cp_async_fence();
-        }
-
-        // dP = dO V^T, then dS = P o (dP - delta) in place of dP.
+        // dP = dO V^T, then dS = scale * P o (dP - delta) in place of dP.
         Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
         clear(acc_dp);
         gemm_smem(mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO(_, _, _, stage), tdPsV, copy_a_sdp, copy_b_sdp);
+        // P is read back from its 16-bit copy as pairs of adjacent columns, one 32-bit register each
+        // (for bf16 two bit operations per pair; element by element the SASS took about three).
         Tensor ds = make_tensor(acc_dp.data(), accumulator_rows_cols(acc_dp.layout()));
         Tensor p16 = make_tensor(rP.data(), accumulator_rows_cols(rP.layout()));
+        static_assert(decltype(shape<1, 0>(p16.layout()))::value == 2 &&
+                          decltype(stride<1, 0>(p16.layout()))::value == 1,
+                      "columns 2j and 2j + 1 of a row are adjacent in the register fragment");
         CUTE_UNROLL
         for (int r = 0; r < kRows; ++r) {
             CUTE_UNROLL
-            for (int c = 0; c < size<1>(ds); ++c) ds(r, c) = static_cast<float>(p16(r, c)) * (ds(r, c) - delta_row[r]);
+            for (int c = 0; c < size<1>(ds); c += 2) {
+                const float2 p_pair = unpack_pair(&p16(r, c));
+                ds(r, c) = p_pair.x * (ds(r, c) * scale - scaled_delta[r]);
+                ds(r, c + 1) = p_pair.y * (ds(r, c + 1) * scale - scaled_delta[r]);
+            }
         }
         Tensor rdS = convert_fragment<Element>(acc_dp);
         copy(rdS, tdSsdS);
         __syncthreads();  // P and dS are visible to every warp
 
-        // dV += P^T dO, then dQ, then dK += dS^T Q.
+        // dV += P^T dO and dK += dS^T Q accumulate in registers.
         gemm_smem(mma_dkv, acc_dv, tdKVrA, tdKVrB, tdVsPt, tdVsdOt(_, _, _, stage), copy_a_dkv, copy_b_dkv);
+        gemm_smem(mma_dkv, acc_dk, tdKVrA, tdKVrB, tdKsdSt, tdKsQt(_, _, _, stage), copy_a_dkv, copy_b_dkv);
 
-        // dQ += scale * dS K, atomically from registers into the caller's fp32 accumulator.
+        // dQ += dS K, added from registers into the caller's fp32 accumulator with atomics.
+        // Last, so the reductions drain while the next block's first product runs. (An earlier H100
+        // measurement, d64/d128: this order with the next block's load issued right after the first
+        // barrier was about 4% faster than loading after P and computing dQ between dV and dK.)
         Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});
         clear(acc_dq);
         gemm_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq, copy_b_dq);
         Tensor gdQ = make_tensor(make_gmem_ptr(dq_accum + int64_t(query_begin) * params.dq_row_stride), TileQ{},
                                  make_stride(params.dq_row_stride, _1{}));
-        add_fragment</*kAtomic=*/true>(acc_dq, thr_dq.partition_C(gdQ), tdQcdQ, rows_in_block, params.softmax_scale,
-                                       dq_pairs_aligned);
-
-        gemm_smem(mma_dkv, acc_dk, tdKVrA, tdKVrB, tdKsdSt, tdKsQt(_, _, _, stage), copy_a_dkv, copy_b_dkv);
+        add_fragment<FragmentOp::kAtomicAdd, kBlockM>(acc_dq, thr_dq.partition_C(gdQ), tdQcdQ, rows_in_block,
+                                                      dq_pairs_aligned);
 
         if constexpr (kStages == 1) {
             if (m_block > m_block_first) {
@@ -319,26 +362,53 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
         }
     }
 
-    // Epilogue: add scale * dK and dV into the caller's accumulators at kv head `head_kv`. With GQA
-    // several query heads (CTAs) add into the same tile, so the adds must be atomic.
-    Tensor gdK = make_tensor(make_gmem_ptr(params.dk_accum + batch * params.dk_batch_stride +
-                                           head_kv * params.dk_head_stride + int64_t(key_begin) * params.dk_row_stride),
-                             TileKV{}, make_stride(params.dk_row_stride, _1{}));
-    Tensor gdV = make_tensor(make_gmem_ptr(params.dv_accum + batch * params.dv_batch_stride +
-                                           head_kv * params.dv_head_stride + int64_t(key_begin) * params.dv_row_stride),
-                             TileKV{}, make_stride(params.dv_row_stride, _1{}));
+    // Epilogue: dK and dV of kv head `head_kv`, either written in the input dtype or added into the
+    // caller's fp32 accumulators. With GQA several query heads (CTAs) add into the same tile, so the
+    // adds must be atomic then.
     Tensor tdKVcdKV = thr_dkv.partition_C(make_identity_tensor(TileKV{}));
+    if (params.dk_out != nullptr) {
+        Tensor gdK = make_tensor(make_gmem_ptr(static_cast<Element*>(params.dk_out) + dk_offset), TileKV{},
+                                 make_stride(params.dk_row_stride, _1{}));
+        Tensor gdV = make_tensor(make_gmem_ptr(static_cast<Element*>(params.dv_out) + dv_offset), TileKV{},
+                                 make_stride(params.dv_row_stride, _1{}));
+        store_fragment<Element>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block);
+        store_fragment<Element>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block);
+        return;
+    }
+    Tensor gdK = make_tensor(make_gmem_ptr(params.dk_accum + dk_offset), TileKV{},
+                             make_stride(params.dk_row_stride, _1{}));
+    Tensor gdV = make_tensor(make_gmem_ptr(params.dv_accum + dv_offset), TileKV{},
+                             make_stride(params.dv_row_stride, _1{}));
     const bool dk_aligned = pairs_aligned(params.dk_accum, params.dk_batch_stride, params.dk_row_stride,
                                           params.dk_head_stride);
     const bool dv_aligned = pairs_aligned(params.dv_accum, params.dv_batch_stride, params.dv_row_stride,
                                           params.dv_head_stride);
     if (params.heads != params.heads_kv) {
-        add_fragment<true>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block, params.softmax_scale, dk_aligned);
-        add_fragment<true>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block, 1.f, dv_aligned);
+        add_fragment<FragmentOp::kAtomicAdd, kBlockN>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block,
+                                                      dk_aligned);
+        add_fragment<FragmentOp::kAtomicAdd, kBlockN>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block,
+                                                      dv_aligned);
     } else {
-        add_fragment<false>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block, params.softmax_scale,
-                            dk_aligned);
-        add_fragment<false>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block, 1.f, dv_aligned);
+        add_fragment<FragmentOp::kAdd, kBlockN>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block,
+                                                dk_aligned);
+        add_fragment<FragmentOp::kAdd, kBlockN>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block,
+                                                dv_aligned);
+    }
+}
+
+// Kernels without a band run CTAs whose key block lies wholly inside seqlen_k (all but at most the
+// last per (batch, head)) through a copy of the loop with no masking code. With the key-tail test in
+// the loop, ptxas turns that masking into predicated selects which every block executes (about 80
+// instructions per block at d128, 150 at d64, in the SASS). Banded kernels keep one copy: their
+// masking is a real branch, taken only by tiles that cross an edge of the band.
+template <typename Traits, bool kIsMasked>
+__device__ __forceinline__ void compute_key_block(const BwdParams& params, char* smem_raw) {
+    if constexpr (kIsMasked) {
+        compute_dq_dk_dv<Traits, true, true>(params, smem_raw);
+    } else if ((int(blockIdx.x) + 1) * Traits::kBlockN <= params.seqlen_k) {
+        compute_dq_dk_dv<Traits, false, false>(params, smem_raw);
+    } else {
+        compute_dq_dk_dv<Traits, false, true>(params, smem_raw);
     }
 }
 
@@ -352,9 +422,9 @@ __global__ void __launch_bounds__(TraitsSm90::kThreads, 1) flash_bwd_kernel(cons
     static_assert(TraitsSm90::kThreads == TraitsSm80::kThreads && TraitsSm90::kBlockN == TraitsSm80::kBlockN);
     extern __shared__ __align__(128) char smem[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    bwd::compute_dq_dk_dv<TraitsSm90, kIsMasked>(params, smem);
+    bwd::compute_key_block<TraitsSm90, kIsMasked>(params, smem);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    bwd::compute_dq_dk_dv<TraitsSm80, kIsMasked>(params, smem);
+    bwd::compute_key_block<TraitsSm80, kIsMasked>(params, smem);
 #endif
 }
 

@@ -75,6 +75,13 @@ struct BwdParams {
     int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
     int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
 
+    // Plain backward (no ring) only, and only when heads == heads_kv: when dk_out is set, the kernel
+    // WRITES dK and dV in the input dtype to dk_out / dv_out (laid out like k and v, strides in the
+    // dk_* / dv_* fields above) instead of adding into dk_accum / dv_accum, so the caller needs no fp32
+    // buffers, zero-fill or conversion for them. Keys that no query sees get zeros. nullptr: add.
+    void* dk_out;
+    void* dv_out;
+
     int batch, seqlen_q, seqlen_k, heads, heads_kv;
     int head_dim;
     float softmax_scale;
