@@ -51,6 +51,15 @@ def skip_unless_built(head_dim, dtype, backward=False):
                     f"and {dtype} (see RING_ATTN_HEAD_DIMS / RING_ATTN_DTYPES / RING_ATTN_DISABLE_BACKWARD)")
 
 
+@pytest.fixture
+def exact_fp32_matmul():
+    """For kernel tests (usefixtures): the fp32 reference must not run its products in TF32."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def poison_cuda_allocator():
     """Fills memory the caching allocator holds free with NaN, so an output element a kernel
     forgets to write shows up as NaN instead of as a plausible stale value."""

@@ -37,6 +37,7 @@ from ring_attn_ext.reference import attention_reference
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(CUDA_EXTENSION_SKIP_REASON is not None, reason=CUDA_EXTENSION_SKIP_REASON or ""),
+    pytest.mark.usefixtures("exact_fp32_matmul"),
 ]
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -119,15 +120,6 @@ class Reference:
         unseen_keys = (self.grads[1] == 0).all(dim=-1) & (self.grads[2] == 0).all(dim=-1)  # (b, s_k, h_kv)
         assert (grads[1][unseen_keys] == 0).all() and (grads[2][unseen_keys] == 0).all(), \
             f"{what}: keys that no query sees must get exactly 0 in dk and dv"
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32_matmul():
-    """The fp32 reference must not run its products in TF32."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # --------------------------------------------------------------------------------------------- bwd

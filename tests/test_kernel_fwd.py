@@ -27,6 +27,7 @@ from ring_attn_ext.reference import attention_reference, merge_partial
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(CUDA_EXTENSION_SKIP_REASON is not None, reason=CUDA_EXTENSION_SKIP_REASON or ""),
+    pytest.mark.usefixtures("exact_fp32_matmul"),
 ]
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -69,15 +70,6 @@ def check_forward(q, k, v, scale, kmin, kmax, what):
     assert_lse_equal(lse, ref_lse, LSE_ATOL, f"{what}: lse")
     empty_rows = torch.isneginf(ref_lse).transpose(1, 2)  # (b, s_q, h)
     assert (out[empty_rows] == 0).all(), f"{what}: rows without a visible key must be exactly 0"
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32_matmul():
-    """The fp32 reference must not run its products in TF32."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # ------------------------------------------------------------------------------------------ forward
