@@ -101,7 +101,7 @@ void check_kernels(const at::Tensor& q, bool backward) {
     }
 }
 
-RingPlan checked_plan(const PlanLists& plan, RingCommunicator* comm, const at::Tensor& q,
+RingPlan checked_plan(const PlanLists& plan, const RingCommunicator* comm, const at::Tensor& q,
                       const at::Tensor& k) {
     RA_CHECK_VALUE(comm != nullptr || plan.size() <= 1, "a plan of ", plan.size(),
                       " steps is a ring of as many ranks and needs comm (a RingCommunicator)");

@@ -13,12 +13,20 @@
 
 namespace ring_attn {
 
+namespace {
+
+// "NCCL error in <what>: <NCCL's name for result> (<NCCL's last error message, if any>)".
+std::string nccl_error_text(ncclResult_t result, const char* what, ncclComm_t comm) {
+    const char* detail = ncclGetLastError(comm);
+    return std::string("NCCL error in ") + what + ": " + ncclGetErrorString(result) +
+           (detail != nullptr && detail[0] != '\0' ? std::string(" (") + detail + ")" : std::string());
+}
+
+}  // namespace
+
 void check_nccl(ncclResult_t result, const char* what, ncclComm_t comm) {
     if (result == ncclSuccess) return;
-    const char* detail = ncclGetLastError(comm);
-    RA_CHECK(false, "NCCL error in ", what, ": ", ncclGetErrorString(result),
-                (detail != nullptr && detail[0] != '\0') ? std::string(" (") + detail + ")" : std::string(),
-                ". Set NCCL_DEBUG=WARN for NCCL's own log.");
+    RA_CHECK(false, nccl_error_text(result, what, comm), ". Set NCCL_DEBUG=WARN for NCCL's own log.");
 }
 
 std::string nccl_unique_id() {
@@ -117,11 +125,7 @@ ncclComm_t RingCommunicator::handle() const {
 }
 
 void RingCommunicator::wait_for_call(ncclResult_t result, const char* what) {
-    if (result != ncclSuccess && result != ncclInProgress) {
-        const char* detail = ncclGetLastError(comm_);
-        abort_and_raise(std::string("NCCL error in ") + what + ": " + ncclGetErrorString(result) +
-                        (detail != nullptr && detail[0] != '\0' ? std::string(" (") + detail + ")" : std::string()));
-    }
+    if (result != ncclSuccess && result != ncclInProgress) abort_and_raise(nccl_error_text(result, what, comm_));
     using Clock = std::chrono::steady_clock;
     const Clock::time_point start = Clock::now();
     const Clock::time_point deadline =
@@ -129,9 +133,7 @@ void RingCommunicator::wait_for_call(ncclResult_t result, const char* what) {
     while (true) {
         const ncclResult_t state = async_state(comm_);
         if (state == ncclSuccess) return;
-        if (state != ncclInProgress) {
-            abort_and_raise(std::string("NCCL error in ") + what + ": " + ncclGetErrorString(state));
-        }
+        if (state != ncclInProgress) abort_and_raise(nccl_error_text(state, what, comm_));
         if (Clock::now() > deadline) {
             abort_and_raise(std::string("timed out after ") + seconds_text(timeout_s_) + " in " + what +
                             " (rank " + std::to_string(rank_) + " of " + std::to_string(world_size_) +
