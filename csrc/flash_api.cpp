@@ -10,6 +10,7 @@
 #include <limits>
 #include <string>
 
+#include "flash/dq_tensor_map.h"
 #include "flash/flash_bwd_preprocess.h"
 #include "flash/flash_params.h"
 #include "flash/kernel_registry.h"
@@ -174,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
 
 void flash_fwd_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out_accum,
                      at::Tensor& lse_accum, double softmax_scale, std::optional<int64_t> key_offset_min,
-                     std::optional<int64_t> key_offset_max) {
+                     std::optional<int64_t> key_offset_max, const std::optional<at::Tensor>& out_final) {
     const Dims d = check_qkv(q, k, v);
     check_scale(softmax_scale);
     check_fp32(out_accum, "out_accum", q);
@@ -188,11 +189,23 @@ void flash_fwd_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         RA_CHECK_VALUE(out_accum.stride(dim) % 2 == 0 || out_accum.size(dim) == 1, "out_accum stride ",
                        out_accum.stride(dim), " of dimension ", dim, " must be even (8-byte aligned rows)");
     }
+    if (out_final.has_value()) {
+        check_cuda_4d(*out_final, "out_final", q);  // 16-byte aligned rows, as any input-dtype output
+        RA_CHECK_TYPE(out_final->scalar_type() == q.scalar_type(), "out_final must have the dtype of q (",
+                      q.scalar_type(), "), got ", out_final->scalar_type());
+        check_shape(*out_final, "out_final", q.sizes());
+    }
     const MaskBand band = make_mask_band(d, key_offset_min, key_offset_max);
     FwdLauncher launcher = fwd_launcher_for(q, d, band);
-    if (d.seqlen_q == 0 || d.seqlen_k == 0) return;  // nothing to merge
+    // Without keys a plain merge changes nothing; emit mode still writes out_final.
+    if (d.seqlen_q == 0 || (d.seqlen_k == 0 && !out_final.has_value())) return;
     c10::cuda::CUDAGuard guard(q.device());
     FwdParams p = make_fwd_params(q, k, v, d, softmax_scale, band, out_accum, lse_accum, /*merge=*/true);
+    if (out_final.has_value()) {
+        p.out_final = out_final->data_ptr();
+        p.of_batch_stride = out_final->stride(0), p.of_row_stride = out_final->stride(1);
+        p.of_head_stride = out_final->stride(2);
+    }
     launcher(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -290,11 +303,19 @@ void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at:
     c10::cuda::CUDAGuard guard(q.device());
     BwdParams p = make_bwd_params(dout, q, k, v, lse, delta, d, softmax_scale, band);
     set_dq_accum(p, dq_accum);
+    // The Hopper kernels add dQ through the TMA, which needs 16-byte aligned rows; an accumulator
+    // without them receives its sum through an aligned temporary instead.
+    at::Tensor dq_staging;
+    if (!dq_accum_tma_aligned(p)) {
+        dq_staging = at::zeros(dq_accum.sizes(), dq_accum.options());
+        set_dq_accum(p, dq_staging);
+    }
     p.dk_accum = dk_accum.data_ptr<float>();
     p.dv_accum = dv_accum.data_ptr<float>();
     set_dkv_strides(p, dk_accum, dv_accum);
     launcher(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (dq_staging.defined()) dq_accum.add_(dq_staging);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout, const at::Tensor& q,

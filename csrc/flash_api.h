@@ -22,10 +22,17 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
 
 // Merges this block's attention into a running fp32 state in place: out_accum (b, s_q, h, d) fp32
 // and lse_accum (b, h, s_q) fp32, both possibly strided views (last dimension contiguous). A row
-// whose running lse is -inf holds no contribution yet.
+// whose running lse is -inf holds no contribution yet, and its out_accum row is never read (it may
+// be uninitialised).
+// Emit mode, for the last contribution to these rows: with out_final ((b, s_q, h, d), q's dtype,
+// last dimension contiguous, 16-byte aligned rows) the merged output goes to out_final in q's dtype
+// instead of back into out_accum (which is then only read); lse_accum still receives the merged
+// lse. Every row gets out_final: a row that sees no key in this call gets its running output
+// (0 where the running lse is -inf). With no keys at all (seqlen_k = 0) the call only does that.
 void flash_fwd_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out_accum,
                      at::Tensor& lse_accum, double softmax_scale, std::optional<int64_t> key_offset_min,
-                     std::optional<int64_t> key_offset_max);
+                     std::optional<int64_t> key_offset_max,
+                     const std::optional<at::Tensor>& out_final = std::nullopt);
 
 // delta = rowsum(dout * out) in fp32, (b, h, s_q): the same for every block of a ring backward.
 at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out);

@@ -11,9 +11,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace ring_attn;
     m.def("fwd", &flash_fwd, "Attention forward: returns (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("softmax_scale"), py::arg("key_offset_min"), py::arg("key_offset_max"));
-    m.def("fwd_merge", &flash_fwd_merge, "Attention forward merged into a running fp32 (out, lse), in place",
+    m.def("fwd_merge", &flash_fwd_merge,
+          "Attention forward merged into a running fp32 (out, lse), in place; with out_final, the merged "
+          "out is written there in q's dtype instead (emit mode, the last contribution to these rows)",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out_accum"), py::arg("lse_accum"),
-          py::arg("softmax_scale"), py::arg("key_offset_min"), py::arg("key_offset_max"));
+          py::arg("softmax_scale"), py::arg("key_offset_min"), py::arg("key_offset_max"),
+          py::arg("out_final") = py::none());
     m.def("bwd_delta", &flash_bwd_delta, "rowsum(dout * out) in fp32, (b, h, s_q)", py::arg("dout"),
           py::arg("out"));
     m.def("bwd_accumulate", &flash_bwd_accumulate, "Attention backward added into fp32 accumulators",

@@ -206,3 +206,154 @@ def test_fwd_merge_rejects_unaligned_accumulator(layout):
         out_accum = out_accum.view(batch, seqlen, heads, head_dim)
     with pytest.raises(ValueError, match="out_accum"):
         _C.fwd_merge(q, k, v, out_accum, lse_accum, head_dim ** -0.5, None, None)
+
+
+# --------------------------------------------------------------------------------------- emit mode
+# _C.fwd_merge(..., out_final=...) merges like the plain merge but writes the merged output in the
+# input dtype to out_final instead of back to out_accum (which it only reads, and only where the
+# running lse is finite), and the merged lse to lse_accum. Every row gets out_final: a row that sees
+# no key in this call gets its running output, or 0 where the running lse is -inf.
+
+# (batch, seqlen_q, seqlen_k, heads, heads_kv): seqlen 1, odd sizes, GQA 4 and 8, s_q > s_k (causal
+# then leaves the leading query blocks without any key, so whole tiles take the no-key path).
+EMIT_SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 17, 17, 4, 1),
+    (1, 127, 1000, 8, 1),
+    (2, 1000, 127, 4, 4),
+]
+# fp16 and bf16 have 11 and 8 significant bits: one unit in the last place relative to the value.
+DTYPE_ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def running_state(batch, seqlen_q, heads, head_dim, kind, seed):
+    """(out_accum, lse_accum) of a running state. "fresh": every lse -inf and the output NaN, which
+    the kernel must not read; "mixed": about a third of the rows fresh (lse -inf, output NaN), the
+    others a finite state."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    out = torch.randn(batch, seqlen_q, heads, head_dim, device="cuda", generator=generator)
+    lse = torch.randn(batch, heads, seqlen_q, device="cuda", generator=generator) * 2 + 3
+    if kind == "fresh":
+        fresh = torch.ones_like(lse, dtype=torch.bool)
+    else:
+        fresh = torch.rand(lse.shape, device="cuda", generator=generator) < 0.35
+    lse[fresh] = float("-inf")
+    out[fresh.transpose(1, 2)] = float("nan")
+    return out, lse
+
+
+def bits(t):
+    """A float32 tensor's bit pattern, for bitwise comparisons that treat NaN like any value."""
+    return t.contiguous().view(torch.int32)
+
+
+def check_emit(q, k, v, scale, kmin, kmax, emit_accum, emit_lse, out_final, what):
+    """Runs fwd_merge in emit mode on the running state (emit_accum, emit_lse) into out_final
+    (poisoned by the caller), and in plain mode on a copy of the state, and checks out_final and the
+    merged lse against the plain merge and the reference."""
+    dtype = q.dtype
+    state_out, state_lse = emit_accum.clone(), emit_lse.clone()
+    merged_out, merged_lse = state_out.clone(), state_lse.clone()
+    _C.fwd_merge(q, k, v, merged_out, merged_lse, scale, kmin, kmax)
+    _C.fwd_merge(q, k, v, emit_accum, emit_lse, scale, kmin, kmax, out_final=out_final)
+    torch.cuda.synchronize()
+
+    assert torch.equal(bits(emit_accum), bits(state_out)), f"{what}: emit mode wrote the running output"
+    assert_lse_equal(emit_lse, merged_lse, 1e-5, f"{what}: lse against the plain merge")
+    assert not torch.isnan(out_final).any(), f"{what}: out_final has unwritten (NaN) elements"
+    empty = torch.isneginf(merged_lse).transpose(1, 2)  # (b, s_q, h): no contribution at all
+    assert (out_final[empty] == 0).all(), f"{what}: rows with no contribution must be exactly 0"
+    # The same fp32 merge, rounded once: equal up to a rounding-boundary tie of one unit.
+    torch.testing.assert_close(out_final[~empty].float(), merged_out[~empty].to(dtype).float(), atol=1e-6,
+                               rtol=DTYPE_ULP[dtype], msg=lambda m: f"{what}: against the plain merge: {m}")
+
+    # Rows this call gives no key keep their running output, rounded exactly as torch rounds it.
+    ref_out, ref_lse, same_out = references(q, k, v, scale, kmin, kmax)
+    untouched = torch.isneginf(ref_lse).transpose(1, 2) & ~empty
+    assert torch.equal(out_final[untouched], state_out[untouched].to(dtype)), \
+        f"{what}: rows without a key in this call must emit their running output"
+    assert torch.equal(bits(emit_lse[untouched.transpose(1, 2)]), bits(state_lse[untouched.transpose(1, 2)]))
+
+    # Against the reference: merge_partial of the state (fresh rows as "no contribution") and the
+    # fp32 reference, with the same-dtype attention merged the same way as the baseline.
+    state_zeroed = torch.where(torch.isneginf(state_lse).transpose(1, 2)[..., None], 0.0, state_out)
+    want_out, want_lse = merge_partial(state_zeroed, state_lse, ref_out, ref_lse)
+    same_merged, _ = merge_partial(state_zeroed, state_lse, same_out.float(), ref_lse)
+    assert_flash_rule(out_final, want_out, same_merged, 2, f"{what}: out_final")
+    assert_lse_equal(emit_lse, want_lse, LSE_ATOL, f"{what}: lse")
+
+
+@pytest.mark.parametrize("state", ("fresh", "mixed"))
+@pytest.mark.parametrize("shape", EMIT_SHAPES, ids=lambda s: "b{}_sq{}_sk{}_h{}_hkv{}".format(*s))
+@pytest.mark.parametrize("band_kind", KERNEL_TEST_BANDS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fwd_merge_emit(dtype, head_dim, band_kind, shape, state):
+    skip_unless_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads, heads_kv = shape
+    q, k, v = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    kmin, kmax = kernel_test_band(band_kind, seqlen_q, seqlen_k)
+    state_out, state_lse = running_state(batch, seqlen_q, heads, head_dim, state, seed=head_dim + seqlen_q)
+    poison_cuda_allocator()
+    out_final = torch.empty_like(q)
+    check_emit(q, k, v, head_dim ** -0.5, kmin, kmax, state_out, state_lse, out_final, f"{band_kind} {shape} {state}")
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fwd_merge_emit_strided(dtype, head_dim):
+    """out_final a (b, h, s, d) tensor seen as (b, s, h, d), out_accum a slice of a wider buffer:
+    every element of the views is written, nothing around them."""
+    skip_unless_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads, heads_kv = 2, 333, 517, 4, 2
+    q, k, v = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
+    kmin, kmax = band_for(seqlen_q, seqlen_k, window_size=(200, 0))
+    state_out, state_lse = running_state(batch, seqlen_q, heads, head_dim, "mixed", seed=head_dim)
+    wide = torch.full((batch, seqlen_q, heads + 1, head_dim), 7.0, device="cuda")
+    accum_view = wide[:, :, 1:]
+    accum_view.copy_(state_out)
+    poison_cuda_allocator()
+    storage = torch.empty(batch, heads, seqlen_q + 3, head_dim, device="cuda", dtype=dtype)
+    storage[:, :, seqlen_q:] = 5.0
+    out_final = storage[:, :, :seqlen_q].transpose(1, 2)
+    assert not out_final.is_contiguous() and not accum_view.is_contiguous()
+    check_emit(q, k, v, head_dim ** -0.5, kmin, kmax, accum_view, state_lse, out_final, "strided")
+    assert (storage[:, :, seqlen_q:] == 5.0).all(), "wrote past out_final's rows"
+    assert (wide[:, :, 0] == 7.0).all(), "wrote outside out_accum's view"
+
+
+@pytest.mark.parametrize("seqlen_q", (1, 17, 1000))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fwd_merge_emit_without_keys_finishes_the_state(dtype, head_dim, seqlen_q):
+    """seqlen_k = 0: the call only turns the running state into the output: out_final =
+    (lse == -inf ? 0 : out_accum rounded), running state untouched."""
+    skip_unless_built(head_dim, dtype)
+    batch, heads, heads_kv = 2, 8, 2
+    q, k, v = random_inputs(batch, seqlen_q, 0, heads, heads_kv, head_dim, dtype)
+    state_out, state_lse = running_state(batch, seqlen_q, heads, head_dim, "mixed", seed=seqlen_q)
+    out_accum, lse_accum = state_out.clone(), state_lse.clone()
+    poison_cuda_allocator()
+    out_final = torch.empty_like(q)
+    _C.fwd_merge(q, k, v, out_accum, lse_accum, head_dim ** -0.5, None, None, out_final=out_final)
+    torch.cuda.synchronize()
+    fresh = torch.isneginf(state_lse).transpose(1, 2)
+    want = torch.where(fresh[..., None], 0.0, state_out).to(dtype)
+    assert torch.equal(out_final, want)
+    assert torch.equal(bits(out_accum), bits(state_out)) and torch.equal(bits(lse_accum), bits(state_lse))
+
+
+def test_fwd_merge_emit_rejects_bad_out_final():
+    head_dim = _C.supported_head_dims()[0]
+    dtype = torch.bfloat16 if cuda_kernel_built(head_dim, torch.bfloat16, False) else torch.float16
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    batch, seqlen, heads = 1, 40, 2
+    q, k, v = random_inputs(batch, seqlen, seqlen, heads, heads, head_dim, dtype)
+    out_accum = torch.zeros(batch, seqlen, heads, head_dim, device="cuda")
+    lse_accum = torch.full((batch, heads, seqlen), float("-inf"), device="cuda")
+    misaligned = torch.empty(q.numel() + 1, device="cuda", dtype=dtype)[1:].view(q.shape)
+    for bad, error, message in [(torch.empty_like(q, dtype=other), TypeError, "out_final must have the dtype of q"),
+                                (q[:, 1:].clone(), ValueError, "out_final must have shape"),
+                                (misaligned, ValueError, "out_final must start at a 16-byte aligned address")]:
+        with pytest.raises(error, match=message):
+            _C.fwd_merge(q, k, v, out_accum, lse_accum, head_dim ** -0.5, None, None, out_final=bad)

@@ -2,7 +2,11 @@
 
 (a) Loopback: a whole ring of 1, 2, 3, 4 or 8 virtual ranks on one GPU, through the same step
     machines the NCCL ring runs (ring_attn_ext._ring_cuda.ring_*_loopback), for every layout,
-    causal or not, MHA and GQA, windows and odd shapes, forward and backward.
+    causal or not, MHA and GQA, windows and odd shapes, forward and backward. The forward alone
+    also runs every ring size from 1 to 8, global bands that leave rows without any key, and
+    random plans (pieces in any order and overlap, empty ranges, empty bands, steps without
+    pieces) against one softmax over exactly the pairs they compute: the output rows the pieces
+    emit and the rows finish() completes must make up every rank's whole output.
 (b) NCCL: one process per GPU (two GPUs or more), through ring_attn_ext.forward/backward,
     every layout; each rank's forward must also equal the loopback ring's bit for bit.
 Both rings are also captured in a CUDA graph and replayed on new inputs.
@@ -13,6 +17,7 @@ most 1.5x the error of the single-GPU kernels on the unsharded tensors. GPU test
 reason, without a CUDA GPU or the compiled extension.
 """
 import os
+import random
 import tempfile
 import time
 import typing
@@ -27,9 +32,9 @@ from conftest import (GRADIENT_EPS, assert_flash_rule, assert_lse_equal, cuda_ke
 import ring_attn_ext
 from ring_attn_ext import _ring_cuda
 from ring_attn_ext.masks import band_for
-from ring_attn_ext.reference import attention_reference
+from ring_attn_ext.reference import attention_reference, visible_mask
 from ring_attn_ext.ring_plan import build_plan
-from ring_attn_ext.sharding import LAYOUTS, shard, unshard
+from ring_attn_ext.sharding import LAYOUTS, local_runs, shard, unshard
 
 # NVLink multicast stays off in every process these tests start (it can take a shared host's GPUs
 # out of service).
@@ -196,6 +201,161 @@ def test_loopback_ring_forward_is_deterministic():
     for outs, lses in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs, runs[0][0])), "out differs between runs"
         assert all(torch.equal(a, b) for a, b in zip(lses, runs[0][1])), "lse differs between runs"
+
+
+# Forward only: which rows a rank's pieces finish. Each piece that is the last to touch all of its
+# query rows writes their final output itself (emit mode); finish() completes the other rows from
+# the uninitialised fp32 running output. Memory is poisoned with NaN first, so a row that neither
+# wrote shows up; rows that see no key at all must come out exactly 0 with lse -inf.
+
+def masked_attention(q, k, v, scale, mask, upcast):
+    """One softmax per query row over the keys `mask` (s_q, s_k) allows: (out, lse fp32 (b, h, s_q));
+    rows with no allowed key give 0 and -inf. upcast=True computes (and returns out) in fp32,
+    upcast=False in q's dtype (the same-dtype baseline of FlashAttention's rule)."""
+    dtype = torch.float32 if upcast else q.dtype
+    group = q.shape[2] // k.shape[2]
+    qc, kc, vc = q.to(dtype), k.to(dtype).repeat_interleave(group, 2), v.to(dtype).repeat_interleave(group, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
+    scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
+    lse = torch.logsumexp(scores.float(), dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).to(dtype)[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", probs, vc), lse
+
+
+def check_forward_rows(out, lse, ref_out, ref_lse, same_out, what):
+    assert_flash_rule(out, ref_out, same_out, 2, f"{what}: out")  # also: every element finite
+    assert_lse_equal(lse, ref_lse, 2e-4, f"{what}: lse")
+    empty = torch.isneginf(ref_lse).transpose(1, 2)
+    assert (out[empty] == 0).all(), f"{what}: rows that see no key must be exactly 0"
+
+
+def check_loopback_forward(q, k, v, layout, world_size, plans, scale, band, what):
+    """The loopback ring's forward with `plans` against attention over the unsharded tensors with
+    the global band `band`."""
+    shards = [[shard(t, layout, rank, world_size) for rank in range(world_size)] for t in (q, k, v)]
+    poison_cuda_allocator()
+    outs, lses = _ring_cuda.ring_forward_loopback(*shards, plans, scale)
+    out, lse = unshard(outs, layout, world_size), unshard(lses, layout, world_size, dim=2)
+    ref_out, ref_lse = attention_reference(q.float(), k.float(), v.float(), scale, *band)
+    same_out, _ = attention_reference(q, k, v, scale, *band, upcast=False)
+    check_forward_rows(out, lse, ref_out, ref_lse, same_out, what)
+
+
+@requires_cuda_extension
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", range(1, 9))
+def test_loopback_ring_forward_every_world_size(world_size, layout, causal):
+    """build_plan's plans: stripe ranks finish their first row, zigzag middle ranks their first
+    chunk, causal ring ranks emit at the step after which they compute nothing."""
+    case = make_case(world_size, layout, causal, heads=8, heads_kv=2)
+    head_dim, dtype = kernel_config()
+    q, k, v, _ = global_tensors(case, head_dim, dtype, "cuda", seed=world_size)
+    seqlen = q.shape[1]
+    plans = [build_plan(layout, rank, world_size, case.seqlen_local, causal) for rank in range(world_size)]
+    check_loopback_forward(q, k, v, layout, world_size, plans, head_dim ** -0.5,
+                           band_for(seqlen, seqlen, causal), f"{layout} n{world_size} causal={causal}")
+
+
+def band_plan(layout, rank, world_size, seqlen_local, key_offset_min, key_offset_max):
+    """A plan for any global band key_offset_min <= j - i <= key_offset_max. build_plan only makes
+    bands that contain the diagonal (every row sees a key) and trims its pieces; this one gives
+    each (query run, key run) pair of every step one untrimmed piece, so pieces hold rows, or only
+    rows, that see no key. The run-local band follows ring_plan.py's formula."""
+    steps = []
+    for step in range(world_size):
+        pieces = []
+        for q_run in local_runs(layout, rank, world_size, seqlen_local):
+            for k_run in local_runs(layout, (rank - step) % world_size, world_size, seqlen_local):
+                distance, stride = k_run.global_start - q_run.global_start, q_run.stride
+                low = None if key_offset_min is None else -((distance - key_offset_min) // stride)
+                high = None if key_offset_max is None else (key_offset_max - distance) // stride
+                pieces.append((q_run.local_start, q_run.length, k_run.local_start, k_run.length, low, high))
+        steps.append(pieces)
+    return steps
+
+
+@requires_cuda_extension
+@pytest.mark.parametrize("band_kind", ["last_rows_empty", "first_rows_empty", "first_third_empty",
+                                       "last_third_empty", "nothing_visible"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5, 8])
+def test_loopback_ring_forward_rows_without_keys(world_size, layout, band_kind):
+    case = make_case(world_size, layout, False, seqlen_local=130 if layout == "zigzag" else 129, heads=8,
+                     heads_kv=2)
+    head_dim, dtype = kernel_config()
+    q, k, v, _ = global_tensors(case, head_dim, dtype, "cuda", seed=7)
+    third = q.shape[1] // 3
+    band = {"last_rows_empty": (3, 9), "first_rows_empty": (-9, -3), "first_third_empty": (None, -third),
+            "last_third_empty": (third, None), "nothing_visible": (2, 1)}[band_kind]
+    plans = [band_plan(layout, rank, world_size, case.seqlen_local, *band) for rank in range(world_size)]
+    check_loopback_forward(q, k, v, layout, world_size, plans, head_dim ** -0.5, band,
+                           f"{layout} n{world_size} band {band}")
+
+
+def random_plan(rng, world_size, seqlen_local):
+    """A random plan and the (s, world_size * s) mask of the (query, key) pairs it computes, the
+    keys of step i in columns [i * s, (i + 1) * s). Per step: the block cut into disjoint key
+    ranges (some empty), each with a random query range (some empty; overlapping the other
+    pieces' of the step) and band (some empty), in random order; some steps have no piece."""
+    steps, mask = [], torch.zeros(seqlen_local, world_size * seqlen_local, dtype=torch.bool)
+    for step in range(world_size):
+        pieces = []
+        if rng.random() < 0.8:
+            cuts = sorted(rng.randint(0, seqlen_local) for _ in range(rng.randint(1, 3)))
+            edges = [0] + cuts + [seqlen_local]
+            for k_start, k_stop in zip(edges[:-1], edges[1:]):
+                q_start = rng.randint(0, seqlen_local)
+                q_stop = rng.randint(q_start, seqlen_local)
+                low = rng.randint(-60, 60)
+                band = rng.choice([(None, None), (None, low), (low, None), (low, low + rng.randint(0, 40)),
+                                   (low, low - 1)])
+                pieces.append((q_start, q_stop - q_start, k_start, k_stop - k_start, *band))
+                columns = slice(step * seqlen_local + k_start, step * seqlen_local + k_stop)
+                mask[q_start:q_stop, columns] = visible_mask(q_stop - q_start, k_stop - k_start, *band, "cpu")
+        rng.shuffle(pieces)
+        steps.append(pieces)
+    return steps, mask
+
+
+@requires_cuda_extension
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("world_size", range(1, 9))
+def test_loopback_ring_forward_random_plans(world_size, seed):
+    """Any plan: each rank's result must be one softmax over exactly the pairs its pieces compute,
+    against the keys of the blocks it held, whatever the pieces' order and overlap."""
+    head_dim, dtype = kernel_config()
+    rng = random.Random(1000 * world_size + seed)
+    batch, seqlen_local, heads, heads_kv, scale = 2, 150, 8, 2, head_dim ** -0.5
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(heads):
+        return [torch.randn(batch, seqlen_local, heads, head_dim, generator=generator).to("cuda", dtype)
+                for _ in range(world_size)]
+
+    qs, ks, vs = draw(heads), draw(heads_kv), draw(heads_kv)
+    plans, masks = zip(*(random_plan(rng, world_size, seqlen_local) for _ in range(world_size)))
+    poison_cuda_allocator()
+    outs, lses = _ring_cuda.ring_forward_loopback(qs, ks, vs, list(plans), scale)
+    for rank in range(world_size):
+        held = [(rank - step) % world_size for step in range(world_size)]
+        keys, values = torch.cat([ks[src] for src in held], dim=1), torch.cat([vs[src] for src in held], dim=1)
+        ref_out, ref_lse = masked_attention(qs[rank], keys, values, scale, masks[rank], upcast=True)
+        same_out, _ = masked_attention(qs[rank], keys, values, scale, masks[rank], upcast=False)
+        check_forward_rows(outs[rank], lses[rank], ref_out, ref_lse, same_out, f"rank {rank}")
+
+
+@requires_cuda_extension
+def test_loopback_ring_forward_without_any_piece():
+    """Plans with no piece at all: every rank's output is 0 and its lse -inf."""
+    head_dim, dtype = kernel_config()
+    world_size, shape = 3, (2, 70, 4, head_dim)
+    qs = [torch.randn(shape, device="cuda", dtype=dtype) for _ in range(world_size)]
+    poison_cuda_allocator()
+    outs, lses = _ring_cuda.ring_forward_loopback(qs, qs, qs, [[[]] * world_size] * world_size, 1.0)
+    for out, lse in zip(outs, lses):
+        assert torch.equal(out, torch.zeros_like(out))
+        assert torch.isneginf(lse).all()
 
 
 @requires_cuda_extension

@@ -30,8 +30,10 @@ struct BwdMmaOp<cutlass::bfloat16_t> {
 // kWarpsNdKV: warps along the key rows of dK/dV (the rest split the head dim);
 // kWarpsMdQ:  warps along the query rows of dQ (the rest split the head dim);
 // kStages:    shared-memory buffers for each Q and dO tile (2 = the next block loads during this one).
+// kStageDq:   dQ leaves through shared memory and TMA bulk reductions (Hopper) instead of
+//             per-thread atomics.
 template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kWarpsMSdP_,
-          int kWarpsNdKV_, int kWarpsMdQ_, int kStages_>
+          int kWarpsNdKV_, int kWarpsMdQ_, int kStages_, bool kStageDq_ = false>
 struct BwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -109,7 +111,21 @@ struct BwdTraits {
     static constexpr int kSizeQ = kBlockM * kHeadDim * kStages;
     static constexpr int kSizePdS = kBlockM * kBlockN;
     static constexpr int kSmemElements = 2 * kSizeKV + 2 * kSizeQ + 2 * kSizePdS;
-    static constexpr int kSmemBytes = kSmemElements * int(sizeof(Element));
+    static constexpr int kSmemOperandBytes = kSmemElements * int(sizeof(Element));
+
+    // dQ staging tile (kStageDq): fp32 (kBlockM, kHeadDim) as kHeadDim / 32 column slices of
+    // (kBlockM, 32), each the shared-memory image of one TMA box with the 128-byte swizzle (16-byte
+    // chunk c of row r sits at chunk c ^ (r % 8)). The accumulator's 8-byte stores (8 rows x 32 bytes
+    // per warp instruction) then spread over all 32 banks in two wavefronts.
+    static constexpr bool kStageDq = kStageDq_;
+    static_assert(!kStageDq || kHeadDim % 32 == 0);
+    using SmemLayoutDq = decltype(cute::tile_to_shape(
+        cute::composition(cute::Swizzle<3, 2, 3>{},
+                          cute::Layout<cute::Shape<cute::_8, cute::_32>, cute::Stride<cute::_32, cute::_1>>{}),
+        cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+    static constexpr int kSmemDqBytes = kStageDq ? kBlockM * kHeadDim * 4 : 0;
+    static_assert(kSmemOperandBytes % 1024 == 0, "TMA boxes with the 128-byte swizzle need 1024-byte alignment");
+    static constexpr int kSmemBytes = kSmemOperandBytes + kSmemDqBytes;
 };
 
 }  // namespace ring_attn

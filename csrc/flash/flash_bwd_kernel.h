@@ -2,7 +2,8 @@
 // The CTA keeps its K and V tile in shared memory and walks the query blocks that the mask band lets
 // see any of its keys, from the last to the first. For each query block it recomputes the
 // probabilities from the saved log-sum-exp, accumulates dK and dV in registers, and adds its share of
-// dQ into the caller's fp32 dq_accum with atomics. At the end it adds dK and dV into the caller's fp32
+// dQ into the caller's fp32 dq_accum: with fp32 atomics, or (Traits::kStageDq, Hopper) through a
+// shared-memory tile and TMA bulk reductions. At the end it adds dK and dV into the caller's fp32
 // dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA), or, for a plain
 // backward without GQA, writes them in the input dtype to dk_out / dv_out.
 //
@@ -21,6 +22,7 @@
 
 #include "bwd_traits.h"
 #include "bwd_utils.h"
+#include "dq_tensor_map.h"
 #include "flash_params.h"
 
 namespace ring_attn {
@@ -84,10 +86,47 @@ __device__ __forceinline__ void zero_rows(void* base, int64_t offset, int64_t ro
     }
 }
 
+// dQ staging (Traits::kStageDq, Hopper): after a query block's dQ = dS K, every thread stores its
+// fragment into the fp32 staging tile and fences the stores for the TMA; after the next barrier
+// thread 0 issues one bulk tensor reduction per 32-column slice into dq_accum (rows past seqlen_q
+// fall outside the descriptor's tensor and are skipped), and before the tile is rewritten, a block
+// later, waits until the TMA has read it. The barrier that already separates two query blocks
+// orders the stores before the reductions, so staging adds none; the adds leave the SM as a few
+// TMA requests instead of 16 atomics per thread, and reach L2 as whole lines.
+template <typename Traits>
+__device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, const float* smem_dq, int first_row,
+                                                 int head, int batch) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0 && first_row >= 0) {
+        CUTE_UNROLL
+        for (int slice = 0; slice < Traits::kHeadDim / kDqSliceCols; ++slice) {
+            tma_reduce_add_4d(&dq_map, smem_dq + slice * Traits::kBlockM * kDqSliceCols, slice * kDqSliceCols,
+                              first_row, head, batch);
+        }
+        commit_bulk_group();
+    }
+#endif
+}
+__device__ __forceinline__ void fence_staged_dq() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    fence_shared_for_bulk_copies();
+#endif
+}
+__device__ __forceinline__ void wait_staged_dq_read() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) wait_bulk_reads();
+#endif
+}
+__device__ __forceinline__ void finish_staged_dq() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) wait_bulk_done();
+#endif
+}
+
 // kKeysTail: the key block may end past seqlen_k, so P needs its columns masked (kIsMasked kernels
 // always pass true: their band mask covers the tail in the same branch).
 template <typename Traits, bool kIsMasked, bool kKeysTail>
-__device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* smem_raw) {
+__device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw) {
     using namespace cute;
     using Element = typename Traits::Element;
     constexpr int kBlockM = Traits::kBlockM;
@@ -161,6 +200,9 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
     Tensor sdOt = make_tensor(make_smem_ptr(smem_do), typename Traits::SmemLayoutQt{});  // (kHeadDim, kBlockM, kStages)
     Tensor sPt = make_tensor(make_smem_ptr(smem_p), typename Traits::SmemLayoutPdSt{});  // (kBlockN, kBlockM)
     Tensor sdSt = make_tensor(make_smem_ptr(smem_ds), typename Traits::SmemLayoutPdSt{});  // (kBlockN, kBlockM)
+    // The dQ staging tile (kStageDq only), after the 16-bit operands.
+    float* smem_dq = reinterpret_cast<float*>(smem_raw + Traits::kSmemOperandBytes);
+    Tensor sdQ = make_tensor(make_smem_ptr(smem_dq), typename Traits::SmemLayoutDq{});  // (kBlockM, kHeadDim)
 
     // Global -> shared copies, with the row coordinate of each copied chunk for the tail predicate.
     typename Traits::GmemTiledCopy gmem_copy;
@@ -220,6 +262,10 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
 
     // dQ: this thread's elements, their tile coordinates.
     Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(TileQ{}));
+    Tensor tdQsdQ = thr_dq.partition_C(sdQ);
+    // The first row of the staged dQ tile that still waits for its reduction (-1: none). The
+    // reduction is issued after the next barrier, so one barrier per query block serves both.
+    int staged_dq_row = -1;
     const bool dq_pairs_aligned = pairs_aligned(params.dq_accum, params.dq_batch_stride, params.dq_row_stride,
                                                 params.dq_head_stride);
 
@@ -261,6 +307,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
 
         cute::cp_async_wait<0>();
         __syncthreads();  // this block's Q/dO (and K/V) have landed; every warp is done with the last block
+        if constexpr (Traits::kStageDq) reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, head, batch);
 
         // The next query block loads into the other buffer (free since the barrier above: the last
         // block's products have all read it) during this whole block. (Only the first block of the
@@ -331,6 +378,8 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
         }
         Tensor rdS = convert_fragment<Element>(acc_dp);
         copy(rdS, tdSsdS);
+        // The last block's dQ reduction must have read the staging tile before it is rewritten below.
+        if constexpr (Traits::kStageDq) wait_staged_dq_read();
         __syncthreads();  // P and dS are visible to every warp
 
         // dV += P^T dO and dK += dS^T Q accumulate in registers.
@@ -344,10 +393,16 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
         Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});
         clear(acc_dq);
         gemm_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq, copy_b_dq);
-        Tensor gdQ = make_tensor(make_gmem_ptr(dq_accum + int64_t(query_begin) * params.dq_row_stride), TileQ{},
-                                 make_stride(params.dq_row_stride, _1{}));
-        add_fragment<FragmentOp::kAtomicAdd, kBlockM>(acc_dq, thr_dq.partition_C(gdQ), tdQcdQ, rows_in_block,
-                                                      dq_pairs_aligned);
+        if constexpr (Traits::kStageDq) {
+            store_fragment_smem(acc_dq, tdQsdQ);
+            fence_staged_dq();
+            staged_dq_row = query_begin;
+        } else {
+            Tensor gdQ = make_tensor(make_gmem_ptr(dq_accum + int64_t(query_begin) * params.dq_row_stride),
+                                     TileQ{}, make_stride(params.dq_row_stride, _1{}));
+            add_fragment<FragmentOp::kAtomicAdd, kBlockM>(acc_dq, thr_dq.partition_C(gdQ), tdQcdQ, rows_in_block,
+                                                          dq_pairs_aligned);
+        }
 
         if constexpr (kStages == 1) {
             if (m_block > m_block_first) {
@@ -360,6 +415,12 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
         } else {
             stage ^= 1;
         }
+    }
+
+    if constexpr (Traits::kStageDq) {
+        __syncthreads();  // the last block's staged dQ is complete
+        reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, head, batch);
+        finish_staged_dq();
     }
 
     // Epilogue: dK and dV of kv head `head_kv`, either written in the input dtype or added into the
@@ -402,13 +463,13 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, char* 
 // instructions per block at d128, 150 at d64, in the SASS). Banded kernels keep one copy: their
 // masking is a real branch, taken only by tiles that cross an edge of the band.
 template <typename Traits, bool kIsMasked>
-__device__ __forceinline__ void compute_key_block(const BwdParams& params, char* smem_raw) {
+__device__ __forceinline__ void compute_key_block(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw) {
     if constexpr (kIsMasked) {
-        compute_dq_dk_dv<Traits, true, true>(params, smem_raw);
+        compute_dq_dk_dv<Traits, true, true>(params, dq_map, smem_raw);
     } else if ((int(blockIdx.x) + 1) * Traits::kBlockN <= params.seqlen_k) {
-        compute_dq_dk_dv<Traits, false, false>(params, smem_raw);
+        compute_dq_dk_dv<Traits, false, false>(params, dq_map, smem_raw);
     } else {
-        compute_dq_dk_dv<Traits, false, true>(params, smem_raw);
+        compute_dq_dk_dv<Traits, false, true>(params, dq_map, smem_raw);
     }
 }
 
@@ -418,13 +479,14 @@ __device__ __forceinline__ void compute_key_block(const BwdParams& params, char*
 // shared-memory stages where the SM has less shared memory); the launcher sizes shared memory for
 // the one the running device executes.
 template <typename TraitsSm90, typename TraitsSm80, bool kIsMasked>
-__global__ void __launch_bounds__(TraitsSm90::kThreads, 1) flash_bwd_kernel(const __grid_constant__ BwdParams params) {
+__global__ void __launch_bounds__(TraitsSm90::kThreads, 1) flash_bwd_kernel(const __grid_constant__ BwdParams params,
+                                                                       const __grid_constant__ CUtensorMap dq_map) {
     static_assert(TraitsSm90::kThreads == TraitsSm80::kThreads && TraitsSm90::kBlockN == TraitsSm80::kBlockN);
-    extern __shared__ __align__(128) char smem[];
+    extern __shared__ __align__(1024) char smem[];  // 1024: TMA boxes with the 128-byte swizzle
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    bwd::compute_key_block<TraitsSm90, kIsMasked>(params, smem);
+    bwd::compute_key_block<TraitsSm90, kIsMasked>(params, dq_map, smem);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    bwd::compute_key_block<TraitsSm80, kIsMasked>(params, smem);
+    bwd::compute_key_block<TraitsSm80, kIsMasked>(params, dq_map, smem);
 #endif
 }
 

@@ -45,7 +45,13 @@ CUTE_DEVICE void compute_fwd_tile(const FwdParams& p, int m_block, int batch, in
     const BlockRange blocks =
         key_blocks_for_rows<kBlockN, kIsMasked>(row0, min(row0 + kBlockM, p.seqlen_q), p.seqlen_k, p.mask);
     if (blocks.begin >= blocks.end) {
-        if (!p.merge_into_accum) store_empty_tile<Traits>(p, batch, head, m_block);
+        // No row of the tile sees a key: a plain call stores zeros, a merge leaves the running
+        // state alone, and emit mode still owes the tile's final output.
+        if (!p.merge_into_accum) {
+            store_empty_tile<Traits>(p, batch, head, m_block);
+        } else if (p.out_final != nullptr) {
+            emit_empty_tile<Traits>(p, batch, head, m_block);
+        }
         return;
     }
 
@@ -162,10 +168,12 @@ CUTE_DEVICE void compute_fwd_tile(const FwdParams& p, int m_block, int batch, in
 
     float lse[Traits::kRowsPerThread];
     softmax.finalize(acc_o, p.softmax_scale, lse);
-    if (p.merge_into_accum) {
-        merge_output<Traits>(p, acc_o, lse, batch, head, m_block);
-    } else {
+    if (!p.merge_into_accum) {
         store_output<Traits>(p, acc_o, lse, smem, batch, head, m_block);
+    } else if (p.out_final != nullptr) {
+        merge_and_emit<Traits>(p, acc_o, lse, smem, batch, head, m_block);
+    } else {
+        merge_output<Traits>(p, acc_o, lse, batch, head, m_block);
     }
 }
 

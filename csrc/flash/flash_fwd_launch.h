@@ -59,7 +59,8 @@ void launch_flash_fwd(const FwdParams& params, cudaStream_t stream) {
     if (params.mask.is_masked != kIsMasked) {
         throw std::invalid_argument("launch_flash_fwd: mask kind does not match the instantiation");
     }
-    if (params.batch == 0 || params.seqlen_q == 0 || params.seqlen_k == 0) return;
+    // Without keys only emit mode has work: every tile takes the kernel's no-key path.
+    if (params.batch == 0 || params.seqlen_q == 0 || (params.seqlen_k == 0 && params.out_final == nullptr)) return;
 
     auto kernel = &flash::flash_fwd_kernel<Traits, kIsMasked>;
     constexpr int kSmemBytes = Traits::kSmemBytes;

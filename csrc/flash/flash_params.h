@@ -32,12 +32,24 @@ struct FwdParams {
     // When merge_into_accum is true: `out` is a caller-owned fp32 running output and `lse` the
     // running log-sum-exp; the kernel merges this call's (o, l) into them in its epilogue
     // (L' = logaddexp(L, l); O' = exp(L - L') O + exp(l - L') o), treating -inf as "no
-    // contribution". Rows with no visible key leave the running state untouched.
+    // contribution". Rows with no visible key leave the running state untouched. O is read only
+    // where L is finite and written whole where a finite l merges, so a row whose L is -inf may
+    // hold anything (the running output need not be zero-filled).
     void* out;
     int64_t o_batch_stride, o_row_stride, o_head_stride;
     float* lse;  // (batch, heads, seqlen_q); the seqlen dimension is contiguous
     int64_t lse_batch_stride, lse_head_stride;
     bool merge_into_accum;
+
+    // Emit mode (merge_into_accum only; nullptr: off). For the last contribution to a set of rows:
+    // the kernel merges as above but writes O' rounded to the input dtype into out_final (same
+    // shape as q, 16-byte aligned rows) instead of writing the fp32 O' back, and writes L' to
+    // `lse`. Every row of the call gets out_final, including rows that see no key in this call:
+    // there out_final = (L == -inf ? 0 : O rounded) and L stays. `out` is then only read, and only
+    // in rows whose L is finite, so a running output that nothing merged into may be uninitialised.
+    // With seqlen_k = 0 the call is a pure finish: out_final = (L == -inf ? 0 : O rounded).
+    void* out_final;
+    int64_t of_batch_stride, of_row_stride, of_head_stride;
 
     int batch, seqlen_q, seqlen_k, heads, heads_kv;
     int head_dim;  // must equal the launcher's compiled head dim
