@@ -207,30 +207,48 @@ __device__ __forceinline__ void store_fragment_smem(const Acc& acc, Dst&& dst) {
     });
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // Hopper's TMA bulk tensor reduction: adds the box at `shared` (laid out as the descriptor says)
 // into the tensor the descriptor describes, at coordinates (c0, c1, c2, c3), innermost first;
 // elements outside the tensor are skipped. Asynchronous: completion is tracked per issuing thread
-// in bulk groups (commit_bulk_group, wait_bulk_reads, wait_bulk_done).
+// in bulk groups (commit_bulk_group, wait_bulk_reads, wait_bulk_done). Only Hopper traits stage dQ;
+// an older target that reached this would lose the adds, so it traps instead. (The fence and the
+// waits have nothing to order there and compile to nothing.)
 __device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* map, const float* shared, int c0, int c1, int c2,
                                                   int c3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     const uint32_t shared_address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
     asm volatile(
         "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
             reinterpret_cast<uint64_t>(map)),
         "r"(shared_address), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
         : "memory");
+#else
+    __trap();
+#endif
 }
-__device__ __forceinline__ void commit_bulk_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void commit_bulk_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
 // Makes this thread's earlier generic-proxy writes to shared memory visible to the TMA.
 __device__ __forceinline__ void fence_shared_for_bulk_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
 }
 // Waits until this thread's bulk operations have finished reading shared memory.
-__device__ __forceinline__ void wait_bulk_reads() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-// Waits until this thread's bulk operations are complete.
-__device__ __forceinline__ void wait_bulk_done() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void wait_bulk_reads() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 #endif
+}
+// Waits until this thread's bulk operations are complete.
+__device__ __forceinline__ void wait_bulk_done() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
 
 // Whether every (column-even) pair of an fp32 (batch, rows, heads, cols) tensor is 8-byte aligned.
 __device__ __forceinline__ bool pairs_aligned(const float* base, int64_t batch_stride, int64_t row_stride,

@@ -48,8 +48,7 @@ inline CUtensorMap make_dq_tensor_map(const BwdParams& p, int block_rows) {
     // driver sees is valid whatever the tensor reported for it.
     const cuuint64_t row_bytes = p.seqlen_q == 1 ? cuuint64_t(p.head_dim) * 4 : cuuint64_t(p.dq_row_stride) * 4;
     const cuuint64_t head_bytes = p.heads == 1 ? row_bytes * p.seqlen_q : cuuint64_t(p.dq_head_stride) * 4;
-    const cuuint64_t batch_bytes =
-        p.batch == 1 ? (p.heads == 1 ? head_bytes : head_bytes * p.heads) : cuuint64_t(p.dq_batch_stride) * 4;
+    const cuuint64_t batch_bytes = p.batch == 1 ? head_bytes * p.heads : cuuint64_t(p.dq_batch_stride) * 4;
     const cuuint64_t dims[4] = {cuuint64_t(p.head_dim), cuuint64_t(p.seqlen_q), cuuint64_t(p.heads),
                                 cuuint64_t(p.batch)};
     const cuuint64_t strides[3] = {row_bytes, head_bytes, batch_bytes};

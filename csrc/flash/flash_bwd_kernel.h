@@ -96,7 +96,6 @@ __device__ __forceinline__ void zero_rows(void* base, int64_t offset, int64_t ro
 template <typename Traits>
 __device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, const float* smem_dq, int first_row,
                                                  int head, int batch) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (threadIdx.x == 0 && first_row >= 0) {
         CUTE_UNROLL
         for (int slice = 0; slice < Traits::kHeadDim / kDqSliceCols; ++slice) {
@@ -105,22 +104,6 @@ __device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, cons
         }
         commit_bulk_group();
     }
-#endif
-}
-__device__ __forceinline__ void fence_staged_dq() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    fence_shared_for_bulk_copies();
-#endif
-}
-__device__ __forceinline__ void wait_staged_dq_read() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (threadIdx.x == 0) wait_bulk_reads();
-#endif
-}
-__device__ __forceinline__ void finish_staged_dq() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (threadIdx.x == 0) wait_bulk_done();
-#endif
 }
 
 // kKeysTail: the key block may end past seqlen_k, so P needs its columns masked (kIsMasked kernels
@@ -379,7 +362,9 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         Tensor rdS = convert_fragment<Element>(acc_dp);
         copy(rdS, tdSsdS);
         // The last block's dQ reduction must have read the staging tile before it is rewritten below.
-        if constexpr (Traits::kStageDq) wait_staged_dq_read();
+        if constexpr (Traits::kStageDq) {
+            if (tid == 0) wait_bulk_reads();
+        }
         __syncthreads();  // P and dS are visible to every warp
 
         // dV += P^T dO and dK += dS^T Q accumulate in registers.
@@ -395,7 +380,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         gemm_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq, copy_b_dq);
         if constexpr (Traits::kStageDq) {
             store_fragment_smem(acc_dq, tdQsdQ);
-            fence_staged_dq();
+            fence_shared_for_bulk_copies();
             staged_dq_row = query_begin;
         } else {
             Tensor gdQ = make_tensor(make_gmem_ptr(dq_accum + int64_t(query_begin) * params.dq_row_stride),
@@ -420,7 +405,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     if constexpr (Traits::kStageDq) {
         __syncthreads();  // the last block's staged dQ is complete
         reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, head, batch);
-        finish_staged_dq();
+        if (tid == 0) wait_bulk_done();
     }
 
     // Epilogue: dK and dV of kv head `head_kv`, either written in the input dtype or added into the

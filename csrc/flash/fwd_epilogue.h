@@ -53,14 +53,21 @@ CUTE_DEVICE void store_tile(AccO const& acc_o, typename Traits::Element* out, in
     }
 }
 
+// The (row, col) within the (kBlockM, kHeadDim) output tile of each value this thread holds in the
+// MMA accumulator, indexed (kRowsPerThread, cols) like accumulator_rowcol's view of acc_o.
+template <class Traits>
+CUTE_DEVICE auto output_coordinates() {
+    typename Traits::TiledMma tiled_mma;
+    auto thr_mma = tiled_mma.get_thread_slice(threadIdx.x);
+    Tensor cO = thr_mma.partition_C(make_identity_tensor(Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{}));
+    return make_tensor(cO.data(), accumulator_rowcol(cO.layout()));
+}
+
 // Writes the per-row LSE of the tile m_block to `lse_out` (this (batch, head)'s row of seqlen_q
 // values): one lane per quad, the one holding column 0, writes each row.
 template <class Traits>
 CUTE_DEVICE void store_lse(const float (&lse)[Traits::kRowsPerThread], float* lse_out, int seqlen_q, int m_block) {
-    typename Traits::TiledMma tiled_mma;
-    auto thr_mma = tiled_mma.get_thread_slice(threadIdx.x);
-    Tensor cO = thr_mma.partition_C(make_identity_tensor(Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>{}));
-    Tensor cO_rc = make_tensor(cO.data(), accumulator_rowcol(cO.layout()));
+    Tensor cO_rc = output_coordinates<Traits>();
     if (get<1>(cO_rc(0, 0)) == 0) {
         CUTE_UNROLL
         for (int r = 0; r < Traits::kRowsPerThread; ++r) {
@@ -106,14 +113,9 @@ template <class Traits, class AccO>
 CUTE_DEVICE void merge_output(const FwdParams& p, AccO const& acc_o, const float (&lse)[Traits::kRowsPerThread],
                               int batch, int head, int m_block) {
     constexpr int kRows = Traits::kRowsPerThread;
-    constexpr int kBlockM = Traits::kBlockM;
-    constexpr int kHeadDim = Traits::kHeadDim;
-    const int row0 = m_block * kBlockM;
+    const int row0 = m_block * Traits::kBlockM;
 
-    typename Traits::TiledMma tiled_mma;
-    auto thr_mma = tiled_mma.get_thread_slice(threadIdx.x);
-    Tensor cO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-    Tensor cO_rc = make_tensor(cO.data(), accumulator_rowcol(cO.layout()));  // (kRows, cols) -> (row, col)
+    Tensor cO_rc = output_coordinates<Traits>();  // (kRows, cols) -> (row, col)
     Tensor o_rc = make_tensor(acc_o.data(), accumulator_rowcol(acc_o.layout()));
     static_assert(decltype(size<1>(o_rc))::value % 2 == 0, "columns come in pairs");
 
@@ -165,14 +167,9 @@ CUTE_DEVICE void merge_and_emit(const FwdParams& p, AccO& acc_o, float (&lse)[Tr
                                 typename Traits::Element* smem, int batch, int head, int m_block) {
     using Element = typename Traits::Element;
     constexpr int kRows = Traits::kRowsPerThread;
-    constexpr int kBlockM = Traits::kBlockM;
-    constexpr int kHeadDim = Traits::kHeadDim;
-    const int row0 = m_block * kBlockM;
+    const int row0 = m_block * Traits::kBlockM;
 
-    typename Traits::TiledMma tiled_mma;
-    auto thr_mma = tiled_mma.get_thread_slice(threadIdx.x);
-    Tensor cO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-    Tensor cO_rc = make_tensor(cO.data(), accumulator_rowcol(cO.layout()));  // (kRows, cols) -> (row, col)
+    Tensor cO_rc = output_coordinates<Traits>();  // (kRows, cols) -> (row, col)
     Tensor o_rc = make_tensor(acc_o.data(), accumulator_rowcol(acc_o.layout()));
     static_assert(decltype(size<1>(o_rc))::value % 2 == 0, "columns come in pairs");
 
