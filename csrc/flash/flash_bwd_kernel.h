@@ -108,7 +108,9 @@ __device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, cons
 
 // kKeysTail: the key block may end past seqlen_k, so P needs its columns masked (kIsMasked kernels
 // always pass true: their band mask covers the tail in the same branch).
-template <typename Traits, bool kIsMasked, bool kKeysTail>
+// kStageDq: dQ leaves through the staging tile and the TMA (needs Traits::kStageDq, which sizes
+// shared memory for it); otherwise through atomics.
+template <typename Traits, bool kIsMasked, bool kKeysTail, bool kStageDq>
 __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw) {
     using namespace cute;
     using Element = typename Traits::Element;
@@ -119,6 +121,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
     using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
     using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
+    static_assert(!kStageDq || Traits::kStageDq, "staging dQ needs the traits' shared-memory tile");
 
     const int tid = threadIdx.x;
     const int n_block = blockIdx.x;
@@ -290,7 +293,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
 
         cute::cp_async_wait<0>();
         __syncthreads();  // this block's Q/dO (and K/V) have landed; every warp is done with the last block
-        if constexpr (Traits::kStageDq) reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, head, batch);
+        if constexpr (kStageDq) reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, head, batch);
 
         // The next query block loads into the other buffer (free since the barrier above: the last
         // block's products have all read it) during this whole block. (Only the first block of the
@@ -362,7 +365,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         Tensor rdS = convert_fragment<Element>(acc_dp);
         copy(rdS, tdSsdS);
         // The last block's dQ reduction must have read the staging tile before it is rewritten below.
-        if constexpr (Traits::kStageDq) {
+        if constexpr (kStageDq) {
             if (tid == 0) wait_bulk_reads();
         }
         __syncthreads();  // P and dS are visible to every warp
@@ -378,7 +381,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});
         clear(acc_dq);
         gemm_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq, copy_b_dq);
-        if constexpr (Traits::kStageDq) {
+        if constexpr (kStageDq) {
             store_fragment_smem(acc_dq, tdQsdQ);
             fence_shared_for_bulk_copies();
             staged_dq_row = query_begin;
@@ -402,7 +405,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         }
     }
 
-    if constexpr (Traits::kStageDq) {
+    if constexpr (kStageDq) {
         __syncthreads();  // the last block's staged dQ is complete
         reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, head, batch);
         if (tid == 0) wait_bulk_done();
@@ -447,14 +450,19 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
 // the loop, ptxas turns that masking into predicated selects which every block executes (about 80
 // instructions per block at d128, 150 at d64, in the SASS). Banded kernels keep one copy: their
 // masking is a real branch, taken only by tiles that cross an edge of the band.
+// The key-tail copy adds dQ with atomics even where the traits stage it. It runs for one CTA in
+// seqlen_k / kBlockN, so this costs little, and its staged d64 build was wrong: on H100 that CTA
+// got wrong dQ, dK and dV, and compute-sanitizer's racecheck showed one lane's ldmatrix of dS
+// reading past the dS tile into the staging tile. The cause was not found in the source (the
+// interior copy and the d128 build, staged the same way, are correct and race-free).
 template <typename Traits, bool kIsMasked>
 __device__ __forceinline__ void compute_key_block(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw) {
     if constexpr (kIsMasked) {
-        compute_dq_dk_dv<Traits, true, true>(params, dq_map, smem_raw);
+        compute_dq_dk_dv<Traits, true, true, Traits::kStageDq>(params, dq_map, smem_raw);
     } else if ((int(blockIdx.x) + 1) * Traits::kBlockN <= params.seqlen_k) {
-        compute_dq_dk_dv<Traits, false, false>(params, dq_map, smem_raw);
+        compute_dq_dk_dv<Traits, false, false, Traits::kStageDq>(params, dq_map, smem_raw);
     } else {
-        compute_dq_dk_dv<Traits, false, true>(params, dq_map, smem_raw);
+        compute_dq_dk_dv<Traits, false, true, false>(params, dq_map, smem_raw);
     }
 }
 

@@ -16,30 +16,30 @@
 namespace ring_attn {
 
 // Tiles follow FlashAttention-2's choices for H100/A100 backward (8 warps; Q and dO double-buffered
-// so the next query block loads during this one). Shared memory: d32 112 KB, d64 160 KB,
-// d96 128 KB, d128 160 KB + 32 KB dQ staging, d256 208 KB on Hopper; A100 allows 163 KB per block, so
-// d256 there keeps a single Q/dO buffer (144 KB) and d128 adds dQ with atomics.
-// dQ staging (the last BwdTraits argument) is on for d128 on Hopper only: measured on H100 (d128,
-// s 1k-16k) it made the backward 4-9% faster by cutting L2 atomic requests about fourfold; with it
-// the d64 kernel's key-tail path computed wrong gradients (a shared-memory race reported by
-// compute-sanitizer's racecheck, cause not yet found), so d64 and the others keep the atomics.
+// so the next query block loads during this one). Shared memory for the operands: d32 112 KB,
+// d64 160 KB, d96 128 KB, d128 160 KB, d256 208 KB; A100 allows 163 KB per block, so d256 there
+// keeps a single Q/dO buffer (144 KB).
+// dQ staging (the last BwdTraits argument) is on for d32-d128 on Hopper, where it adds an fp32
+// kBlockM x d tile (16-32 KB; none fits beside d256's operands). Measured on H100 (s 1k-16k) it cut
+// L2 atomic requests about fourfold and made the backward 4-9% faster at d128 and 6-13% at d64.
+// Ampere keeps the per-thread atomics (no TMA).
 //                                               Element, d, kBlockM, kBlockN, warps, MSdP, NdKV, MdQ, stages
 template <typename Element, int kHeadDim>
 struct BwdConfig;
 template <typename Element>
 struct BwdConfig<Element, 32> {
-    using Sm90 = BwdTraits<Element, 32, 128, 128, 8, 4, 4, 4, 2>;
-    using Sm80 = Sm90;
+    using Sm90 = BwdTraits<Element, 32, 128, 128, 8, 4, 4, 4, 2, true>;
+    using Sm80 = BwdTraits<Element, 32, 128, 128, 8, 4, 4, 4, 2>;
 };
 template <typename Element>
 struct BwdConfig<Element, 64> {
-    using Sm90 = BwdTraits<Element, 64, 128, 128, 8, 4, 4, 4, 2>;
-    using Sm80 = Sm90;
+    using Sm90 = BwdTraits<Element, 64, 128, 128, 8, 4, 4, 4, 2, true>;
+    using Sm80 = BwdTraits<Element, 64, 128, 128, 8, 4, 4, 4, 2>;
 };
 template <typename Element>
 struct BwdConfig<Element, 96> {
-    using Sm90 = BwdTraits<Element, 96, 64, 128, 8, 2, 4, 4, 2>;
-    using Sm80 = Sm90;
+    using Sm90 = BwdTraits<Element, 96, 64, 128, 8, 2, 4, 4, 2, true>;
+    using Sm80 = BwdTraits<Element, 96, 64, 128, 8, 2, 4, 4, 2>;
 };
 template <typename Element>
 struct BwdConfig<Element, 128> {
