@@ -113,18 +113,18 @@ struct BwdTraits {
     static constexpr int kSmemElements = 2 * kSizeKV + 2 * kSizeQ + 2 * kSizePdS;
     static constexpr int kSmemOperandBytes = kSmemElements * int(sizeof(Element));
 
-    // dQ staging tile (kStageDq): fp32 (kBlockM, kHeadDim) as kHeadDim / 32 column slices of
-    // (kBlockM, 32), each the shared-memory image of one TMA box with the 128-byte swizzle (16-byte
-    // chunk c of row r sits at chunk c ^ (r % 8)). The accumulator's 8-byte stores (8 rows x 32 bytes
-    // per warp instruction) then spread over all 32 banks in two wavefronts.
+    // dQ staging tile (kStageDq): fp32 (kBlockM, kHeadDim) as kHeadDim / 8 column slices of
+    // (kBlockM, 8), each dense and unswizzled: the shared-memory image of one TMA box. A warp's
+    // 8-byte accumulator store covers 8 rows x 8 columns, i.e. 256 contiguous bytes of one slice, so
+    // each half-warp writes 128 contiguous bytes: two wavefronts, no bank conflict. (With 32-column
+    // slices and the 128-byte swizzle, rows r and r ^ 1 of a half-warp hit the same banks: twice the
+    // wavefronts, about 34M bank conflicts per d128 s4k call in Nsight Compute.)
     static constexpr bool kStageDq = kStageDq_;
-    static_assert(!kStageDq || kHeadDim % 32 == 0);
-    using SmemLayoutDq = decltype(cute::tile_to_shape(
-        cute::composition(cute::Swizzle<3, 2, 3>{},
-                          cute::Layout<cute::Shape<cute::_8, cute::_32>, cute::Stride<cute::_32, cute::_1>>{}),
-        cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+    static_assert(!kStageDq || kHeadDim % 8 == 0);
+    using SmemLayoutDq = cute::Layout<cute::Shape<cute::Int<kBlockM>, cute::Shape<cute::_8, cute::Int<kHeadDim / 8>>>,
+                                      cute::Stride<cute::_8, cute::Stride<cute::_1, cute::Int<kBlockM * 8>>>>;
     static constexpr int kSmemDqBytes = kStageDq ? kBlockM * kHeadDim * 4 : 0;
-    static_assert(kSmemOperandBytes % 1024 == 0, "TMA boxes with the 128-byte swizzle need 1024-byte alignment");
+    static_assert(kSmemOperandBytes % 128 == 0, "TMA boxes need 128-byte aligned shared memory");
     static constexpr int kSmemBytes = kSmemOperandBytes + kSmemDqBytes;
 };
 

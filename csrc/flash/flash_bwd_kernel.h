@@ -53,8 +53,10 @@ __device__ __forceinline__ bool tile_inside_band(const MaskBand& band, int query
 }
 
 // Copies a tile's rows from global to shared memory with cp.async; rows at or past `rows` are
-// zero-filled instead (they would otherwise hold stale data that turns 0 * x into NaN).
-template <typename TiledCopy, typename Src, typename Dst, typename Coord>
+// zero-filled instead (they would otherwise hold stale data that turns 0 * x into NaN), or, without
+// kZeroFill, left alone: for loads whose rows the caller knows all exist, where the fill would only
+// cost issued (predicated-off) stores, four per 16-byte chunk.
+template <bool kZeroFill = true, typename TiledCopy, typename Src, typename Dst, typename Coord>
 __device__ __forceinline__ void load_rows(const TiledCopy& tiled_copy, const Src& src, Dst&& dst, const Coord& coord,
                                           int rows) {
     using namespace cute;
@@ -62,7 +64,7 @@ __device__ __forceinline__ void load_rows(const TiledCopy& tiled_copy, const Src
     for (int m = 0; m < size<1>(src); ++m) {
         if (get<0>(coord(0, m, 0)) < rows) {
             copy(tiled_copy, src(_, m, _), dst(_, m, _));
-        } else {
+        } else if constexpr (kZeroFill) {
             clear(dst(_, m, _));
         }
     }
@@ -88,11 +90,11 @@ __device__ __forceinline__ void zero_rows(void* base, int64_t offset, int64_t ro
 
 // dQ staging (Traits::kStageDq, Hopper): after a query block's dQ = dS K, every thread stores its
 // fragment into the fp32 staging tile and fences the stores for the TMA; after the next barrier
-// thread 0 issues one bulk tensor reduction per 32-column slice into dq_accum (rows past seqlen_q
+// thread 0 issues one bulk tensor reduction per 8-column slice into dq_accum (rows past seqlen_q
 // fall outside the descriptor's tensor and are skipped), and before the tile is rewritten, a block
 // later, waits until the TMA has read it. The barrier that already separates two query blocks
 // orders the stores before the reductions, so staging adds none; the adds leave the SM as a few
-// TMA requests instead of 16 atomics per thread, and reach L2 as whole lines.
+// TMA requests instead of 16 atomics per thread (no LSU throttling of the warps).
 template <typename Traits>
 __device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, const float* smem_dq, int first_row,
                                                  int head, int batch) {
@@ -296,14 +298,15 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         if constexpr (kStageDq) reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, head, batch);
 
         // The next query block loads into the other buffer (free since the barrier above: the last
-        // block's products have all read it) during this whole block. (Only the first block of the
-        // walk can end past seqlen_q, so the row tests always pass here; without them ptxas keeps the
-        // addresses live across the loop and spills inside it, seen at d128.)
+        // block's products have all read it) during this whole block. Only the first block of the
+        // walk can end past seqlen_q, so every row exists here and nothing needs zero-filling; the
+        // row tests stay (without them ptxas keeps the addresses live across the loop and spills
+        // inside it, seen at d128).
         if constexpr (kStages == 2) {
             if (m_block > m_block_first) {
                 const int next_rows = params.seqlen_q - (m_block - 1) * kBlockM;
-                load_rows(gmem_copy, tQgQ(_, _, _, m_block - 1), tQsQ(_, _, _, stage ^ 1), tQcQ, next_rows);
-                load_rows(gmem_copy, tdOgdO(_, _, _, m_block - 1), tdOsdO(_, _, _, stage ^ 1), tQcQ, next_rows);
+                load_rows<false>(gmem_copy, tQgQ(_, _, _, m_block - 1), tQsQ(_, _, _, stage ^ 1), tQcQ, next_rows);
+                load_rows<false>(gmem_copy, tdOgdO(_, _, _, m_block - 1), tdOsdO(_, _, _, stage ^ 1), tQcQ, next_rows);
             }
             cute::cp_async_fence();
         }
@@ -475,7 +478,7 @@ template <typename TraitsSm90, typename TraitsSm80, bool kIsMasked>
 __global__ void __launch_bounds__(TraitsSm90::kThreads, 1) flash_bwd_kernel(const __grid_constant__ BwdParams params,
                                                                        const __grid_constant__ CUtensorMap dq_map) {
     static_assert(TraitsSm90::kThreads == TraitsSm80::kThreads && TraitsSm90::kBlockN == TraitsSm80::kBlockN);
-    extern __shared__ __align__(1024) char smem[];  // 1024: TMA boxes with the 128-byte swizzle
+    extern __shared__ __align__(128) char smem[];  // 128: TMA boxes
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     bwd::compute_key_block<TraitsSm90, kIsMasked>(params, dq_map, smem);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

@@ -20,9 +20,10 @@ namespace ring_attn {
 // d64 160 KB, d96 128 KB, d128 160 KB, d256 208 KB; A100 allows 163 KB per block, so d256 there
 // keeps a single Q/dO buffer (144 KB).
 // dQ staging (the last BwdTraits argument) is on for d32-d128 on Hopper, where it adds an fp32
-// kBlockM x d tile (16-32 KB; none fits beside d256's operands). Measured on H100 (s 1k-16k) it cut
-// L2 atomic requests about fourfold and made the backward 4-9% faster at d128 and 6-13% at d64.
-// Ampere keeps the per-thread atomics (no TMA).
+// kBlockM x d tile (16-32 KB; none fits beside d256's operands). Measured on H100 (s 1k-16k) against
+// per-thread atomics, whose requests throttle the warps' load/store path: 4-9% faster at d128 and
+// 6-13% at d64 with 32-column swizzled slices, then another 1-2% (d128) and 2-7% (d64) with the
+// bank-conflict-free 8-column slices now used. Ampere keeps the atomics (no TMA).
 //                                               Element, d, kBlockM, kBlockN, warps, MSdP, NdKV, MdQ, stages
 template <typename Element, int kHeadDim>
 struct BwdConfig;
