@@ -454,7 +454,8 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
 // instructions per block at d128, 150 at d64, in the SASS). Banded kernels keep one copy: their
 // masking is a real branch, taken only by tiles that cross an edge of the band.
 // The key-tail copy adds dQ with atomics even where the traits stage it. It runs for one CTA in
-// seqlen_k / kBlockN, so this costs little, and its staged d64 build was wrong: on H100 that CTA
+// seqlen_k / kBlockN, so this costs little, and its staged d64 build was wrong (with the earlier
+// 32-column swizzled staging tile; not retried since): on H100 that CTA
 // got wrong dQ, dK and dV, and compute-sanitizer's racecheck showed one lane's ldmatrix of dS
 // reading past the dS tile into the staging tile. The cause was not found in the source (the
 // interior copy and the d128 build, staged the same way, are correct and race-free).
