@@ -1,5 +1,5 @@
-// Small device helpers of the backward kernel: the shared-memory matrix product, register layout
-// views, conversion and global fp32 accumulation.
+// Small device helpers of the backward kernel: register layout views, conversion, global fp32
+// accumulation and the TMA reductions of the staged dQ.
 #pragma once
 
 #include <cuda.h>
@@ -11,34 +11,10 @@
 #include <cstring>
 #include <type_traits>
 
+#include "gemm_smem.h"
+
 namespace ring_attn {
 namespace bwd {
-
-// acc += A * B over the whole K extent of the fragments. Operands come from shared memory through
-// the given ldmatrix copies; the load of k-slice i + 1 is issued before the MMAs of slice i so the
-// two overlap.
-template <typename TiledMma, typename Acc, typename FragA, typename FragB, typename SmemA, typename SmemB,
-          typename CopyA, typename CopyB>
-__device__ __forceinline__ void gemm_smem(const TiledMma& mma, Acc& acc, FragA& tCrA, FragB& tCrB, const SmemA& tCsA,
-                                          const SmemB& tCsB, const CopyA& copy_a, const CopyB& copy_b) {
-    using namespace cute;
-    // The register fragments re-viewed in the copies' (value, rows, k) order.
-    Tensor tCrA_view = make_tensor(tCrA.data(), CopyA::retile(tCrA.layout()));
-    Tensor tCrB_view = make_tensor(tCrB.data(), CopyB::retile(tCrB.layout()));
-    CUTE_STATIC_ASSERT_V(size<1>(tCsA) == size<1>(tCrA_view));
-    CUTE_STATIC_ASSERT_V(size<1>(tCsB) == size<1>(tCrB_view));
-    CUTE_STATIC_ASSERT_V(size<2>(tCrA) == size<2>(tCrB));
-    copy(copy_a, tCsA(_, _, 0), tCrA_view(_, _, 0));
-    copy(copy_b, tCsB(_, _, 0), tCrB_view(_, _, 0));
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(tCrA); ++k) {
-        if (k + 1 < size<2>(tCrA)) {
-            copy(copy_a, tCsA(_, _, k + 1), tCrA_view(_, _, k + 1));
-            copy(copy_b, tCsB(_, _, k + 1), tCrB_view(_, _, k + 1));
-        }
-        cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), acc);
-    }
-}
 
 // An m16n8 accumulator fragment ((2 cols, 2 rows), MMA_M, MMA_N) viewed as
 // (rows = (2, MMA_M), cols = (2, MMA_N)), so row-wise quantities index it directly.

@@ -24,6 +24,7 @@
 #include "flash_params.h"
 #include "fwd_epilogue.h"
 #include "fwd_traits.h"
+#include "gemm_smem.h"
 #include "mask.h"
 #include "softmax.h"
 #include "utils.h"
@@ -136,8 +137,7 @@ CUTE_DEVICE void compute_fwd_tile(const FwdParams& p, int m_block, int batch, in
         }
         cp_async_fence();
 
-        gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_load_q, smem_thr_load_q, smem_load_k,
-                       smem_thr_load_k);
+        gemm_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_load_q, smem_load_k);
         if constexpr (kMaskStep) apply_band_mask<kIsMasked>(acc_s, cS, row0, col0, p.seqlen_k, p.mask);
 
         cp_async_wait<0>();  // V(n) landed

@@ -1,4 +1,4 @@
-// Small device helpers shared by the attention kernels: software-pipelined tensor-core products,
+// Small device helpers of the forward kernel: the tensor-core product with A in registers,
 // re-views of MMA accumulator fragments, fragment dtype conversion, quad reductions and
 // row-predicated global->shared copies.
 #pragma once
@@ -12,34 +12,8 @@ namespace flash {
 
 using namespace cute;
 
-// acc += A * B^T with both operands in shared memory. The ldmatrix loads of k-slice k+1 are issued
-// before the MMAs of slice k, so shared-memory latency hides behind tensor-core work.
-//   rA, rB:   register fragments from thr_mma.partition_fragment_A/B   (MMA, MMA_M|N, MMA_K)
-//   sA, sB:   the smem tiles partitioned by the ldmatrix copies          (CPY, CPY_M|N, CPY_K)
-//   copy_a/b: the ldmatrix TiledCopy objects (make_tiled_copy_A/B), thr_copy_a/b their slices.
-template <class Acc, class RegA, class RegB, class SmemA, class SmemB, class TiledMma, class CopyA, class ThrCopyA,
-          class CopyB, class ThrCopyB>
-CUTE_DEVICE void gemm_smem_smem(Acc& acc, RegA& rA, RegB& rB, SmemA const& sA, SmemB const& sB,
-                                TiledMma const& tiled_mma, CopyA const& copy_a, ThrCopyA const& thr_copy_a,
-                                CopyB const& copy_b, ThrCopyB const& thr_copy_b) {
-    Tensor rA_copy = thr_copy_a.retile_D(rA);
-    Tensor rB_copy = thr_copy_b.retile_D(rB);
-    CUTE_STATIC_ASSERT_V(size<2>(rA) == size<2>(rA_copy));
-    CUTE_STATIC_ASSERT_V(size<2>(rB) == size<2>(rB_copy));
-    copy(copy_a, sA(_, _, 0), rA_copy(_, _, 0));
-    copy(copy_b, sB(_, _, 0), rB_copy(_, _, 0));
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(rA); ++k) {
-        if (k + 1 < size<2>(rA)) {
-            copy(copy_a, sA(_, _, k + 1), rA_copy(_, _, k + 1));
-            copy(copy_b, sB(_, _, k + 1), rB_copy(_, _, k + 1));
-        }
-        cute::gemm(tiled_mma, rA(_, _, k), rB(_, _, k), acc);
-    }
-}
-
 // acc += A * B^T with A already in registers (e.g. the probabilities P) and B in shared memory,
-// pipelined like gemm_smem_smem.
+// pipelined like gemm_smem (gemm_smem.h).
 template <class Acc, class RegA, class RegB, class SmemB, class TiledMma, class CopyB, class ThrCopyB>
 CUTE_DEVICE void gemm_reg_smem(Acc& acc, RegA const& rA, RegB& rB, SmemB const& sB, TiledMma const& tiled_mma,
                                CopyB const& copy_b, ThrCopyB const& thr_copy_b) {
