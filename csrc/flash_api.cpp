@@ -338,8 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout,
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const auto fp32 = q.options().dtype(at::kFloat);
 
-    // dq sums over key blocks through fp32 atomics; the delta kernel zero-fills the accumulator in
-    // the same pass that computes delta.
+    // dq sums over key blocks (fp32 atomics or TMA reductions); the delta kernel zero-fills the
+    // accumulator in the same pass that computes delta.
     at::Tensor dq_accum = at::empty(q.sizes(), fp32);
     at::Tensor delta = at::empty({d.batch, d.heads, d.seqlen_q}, fp32);
     BwdParams p = make_bwd_params(dout, q, k, v, lse, delta, d, softmax_scale, band);

@@ -6,7 +6,8 @@
 // block, all with SM80 mma.sync m16n8k16 (fp32 accumulate):
 //   S  = Q  K^T   (kBlockM x kBlockN)          dP = dO V^T  (kBlockM x kBlockN)
 //   dV += P^T dO  (kBlockN x kHeadDim)         dK += dS^T Q (kBlockN x kHeadDim)
-//   dQ  = dS K    (kBlockM x kHeadDim), added to global memory with fp32 atomics.
+//   dQ  = dS K    (kBlockM x kHeadDim), added to global memory with fp32 atomics or, when kStageDq,
+//                 through shared memory and TMA reductions.
 // P and dS go through shared memory because two of the products need them transposed.
 #pragma once
 

@@ -377,7 +377,8 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         gemm_smem(mma_dkv, acc_dv, tdKVrA, tdKVrB, tdVsPt, tdVsdOt(_, _, _, stage), copy_a_dkv, copy_b_dkv);
         gemm_smem(mma_dkv, acc_dk, tdKVrA, tdKVrB, tdKsdSt, tdKsQt(_, _, _, stage), copy_a_dkv, copy_b_dkv);
 
-        // dQ += dS K, added from registers into the caller's fp32 accumulator with atomics.
+        // dQ += dS K, added into the caller's fp32 accumulator: staged for the TMA (reduced after the
+        // next barrier) or from registers with atomics.
         // Last, so the reductions drain while the next block's first product runs. (An earlier H100
         // measurement, d64/d128: this order with the next block's load issued right after the first
         // barrier was about 4% faster than loading after P and computing dQ between dV and dK.)
