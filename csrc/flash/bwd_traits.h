@@ -106,6 +106,13 @@ struct BwdTraits {
                      cute::Stride<cute::Int<kGmemThreadsPerRow>, cute::_1>>{},
         cute::Layout<cute::Shape<cute::_1, cute::_8>>{}));
     static_assert(kBlockM % (kThreads / kGmemThreadsPerRow) == 0 && kBlockN % (kThreads / kGmemThreadsPerRow) == 0);
+    // Shared -> global for the dK/dV tiles written in the input dtype: 16-byte stores, the same
+    // thread arrangement as the loads.
+    using GmemTiledStore = decltype(cute::make_tiled_copy(
+        cute::Copy_Atom<cute::UniversalCopy<cute::uint128_t>, Element>{},
+        cute::Layout<cute::Shape<cute::Int<kThreads / kGmemThreadsPerRow>, cute::Int<kGmemThreadsPerRow>>,
+                     cute::Stride<cute::Int<kGmemThreadsPerRow>, cute::_1>>{},
+        cute::Layout<cute::Shape<cute::_1, cute::_8>>{}));
 
     // Shared memory, in elements: K, V, then Q and dO (kStages each), then P and dS.
     static constexpr int kSizeKV = kBlockN * kHeadDim;

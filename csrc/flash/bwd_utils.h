@@ -159,21 +159,6 @@ __device__ __forceinline__ void add_fragment(const Acc& acc, Dst&& dst, const Co
     }
 }
 
-// Writes a fragment of an m16n8 accumulator, rounded to Element, to global memory (rows below `rows`
-// only), one 4-byte store per pair of adjacent columns. Once per CTA for its dK/dV tile, so the
-// half-filled 32-byte sectors of each store cost little.
-template <typename Element, typename Acc, typename Dst, typename Coord>
-__device__ __forceinline__ void store_fragment(const Acc& acc, Dst&& dst, const Coord& coord, int rows) {
-    using namespace cute;
-    for_each_pair(acc, [&](int, const auto& first, const auto& second) {
-        if (get<0>(coord(first)) >= rows) return;
-        cutlass::AlignedArray<Element, 2> pair;
-        pair[0] = static_cast<Element>(acc(first));
-        pair[1] = static_cast<Element>(acc(second));
-        *reinterpret_cast<cutlass::AlignedArray<Element, 2>*>(&dst(first)) = pair;
-    });
-}
-
 // Writes an fp32 m16n8 accumulator fragment into shared memory (`dst`: the same tile partitioned
 // like the accumulator), one 8-byte store per pair of adjacent columns.
 template <typename Acc, typename Dst>

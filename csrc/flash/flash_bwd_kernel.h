@@ -420,12 +420,36 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     // adds must be atomic then.
     Tensor tdKVcdKV = thr_dkv.partition_C(make_identity_tensor(TileKV{}));
     if (params.dk_out != nullptr) {
+        // The tiles go through shared memory (the Q and dO buffers, free once every warp is past the
+        // loop) so that global memory sees 16-byte stores of whole row segments instead of the
+        // fragments' 4-byte pairs.
+        static_assert(2 * Traits::kSizeKV <= 2 * Traits::kSizeQ, "dK and dV fit in the Q and dO buffers");
+        Tensor sdK = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutKV{});
+        Tensor sdV = make_tensor(make_smem_ptr(smem_q + Traits::kSizeKV), typename Traits::SmemLayoutKV{});
+        Tensor rdK = convert_fragment<Element>(acc_dk);
+        Tensor rdV = convert_fragment<Element>(acc_dv);
+        __syncthreads();  // every warp is done reading Q and dO
+        copy(rdK, thr_dkv.partition_C(sdK));
+        copy(rdV, thr_dkv.partition_C(sdV));
+        __syncthreads();
         Tensor gdK = make_tensor(make_gmem_ptr(static_cast<Element*>(params.dk_out) + dk_offset), TileKV{},
                                  make_stride(params.dk_row_stride, _1{}));
         Tensor gdV = make_tensor(make_gmem_ptr(static_cast<Element*>(params.dv_out) + dv_offset), TileKV{},
                                  make_stride(params.dv_row_stride, _1{}));
-        store_fragment<Element>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block);
-        store_fragment<Element>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block);
+        typename Traits::GmemTiledStore gmem_store;
+        auto store_thr = gmem_store.get_thread_slice(tid);
+        Tensor tsdK = store_thr.partition_S(sdK);
+        Tensor tgdK = store_thr.partition_D(gdK);
+        Tensor tsdV = store_thr.partition_S(sdV);
+        Tensor tgdV = store_thr.partition_D(gdV);
+        Tensor tcKV = store_thr.partition_D(make_identity_tensor(TileKV{}));
+        CUTE_UNROLL
+        for (int m = 0; m < size<1>(tsdK); ++m) {
+            if (get<0>(tcKV(0, m, 0)) < keys_in_block) {
+                copy(gmem_store, tsdK(_, m, _), tgdK(_, m, _));
+                copy(gmem_store, tsdV(_, m, _), tgdV(_, m, _));
+            }
+        }
         return;
     }
     Tensor gdK = make_tensor(make_gmem_ptr(params.dk_accum + dk_offset), TileKV{},

@@ -91,6 +91,8 @@ struct BwdParams {
     // WRITES dK and dV in the input dtype to dk_out / dv_out (laid out like k and v, strides in the
     // dk_* / dv_* fields above) instead of adding into dk_accum / dv_accum, so the caller needs no fp32
     // buffers, zero-fill or conversion for them. Keys that no query sees get zeros. nullptr: add.
+    // The kernel writes them with 16-byte stores: base and strides must keep rows 16-byte aligned
+    // (true of the fresh contiguous tensors flash_bwd allocates, the head dim being a multiple of 8).
     void* dk_out;
     void* dv_out;
 
