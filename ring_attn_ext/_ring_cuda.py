@@ -89,9 +89,9 @@ def _communicator_for(plan, group, device):
 
 def timeout_seconds():
     """The ring's NCCL timeout: RING_ATTN_TIMEOUT_S in the environment, else 600 s (PyTorch's own
-    NCCL default). A join, connection or transfer that makes no progress for that long aborts the
-    ring's communicator: a host-side wait raises torch.distributed.DistBackendError; transfers
-    stuck on the GPU end the process with a message on stderr (their results would be wrong)."""
+    NCCL default). A join, connection or enqueue that makes no progress for that long aborts the
+    ring's communicator and raises torch.distributed.DistBackendError; transfers stuck on the GPU
+    end the process with a message on stderr (their results would be wrong)."""
     text = os.environ.get("RING_ATTN_TIMEOUT_S", "").strip()
     if not text:
         return DEFAULT_TIMEOUT_S

@@ -94,11 +94,13 @@ RingCommunicator::RingCommunicator(const std::string& unique_id, int rank, int w
                                         std::to_string(world_size_) + ": " + reason + " (timeout " +
                                         seconds_text(timeout_s_) +
                                         ", RING_ATTN_TIMEOUT_S). Did a rank die, or stop calling the ring? "
-                                        "Aborting the ring's NCCL communicator and this process: the "
-                                        "unfinished ring's results would be wrong.\n";
+                                        "Ending this process: the unfinished ring's results would be wrong.\n";
             std::fputs(message.c_str(), stderr);
             std::fflush(stderr);
-            ncclCommAbort(comm_);
+            // Abort at once, without ncclCommAbort first: aborting the communicator lets the stuck
+            // kernels finish, and the caller's thread would go on with the unfinished results
+            // before this thread got to end the process (seen on two H200s). Ending the process
+            // tears down its CUDA context, stuck kernels included.
             std::abort();
         });
 }

@@ -6,8 +6,8 @@
 // non-blocking (NCCL returns ncclInProgress instead of waiting inside a call), so every host-side
 // wait (joining, connecting, enqueueing) has a deadline of timeout_s: past it the communicator is
 // aborted and the call raises. Transfers that were enqueued but never complete on the GPU are
-// caught by a TransferWatchdog: past the timeout, or on an asynchronous NCCL error, it aborts the
-// communicator and ends the process with a message on stderr, as PyTorch's NCCL watchdog does:
+// caught by a TransferWatchdog: past the timeout, or on an asynchronous NCCL error, it ends the
+// process with a message on stderr, as PyTorch's NCCL watchdog does:
 // the results of the unfinished ring would be wrong, and the other ranks' torchrun (or the job
 // scheduler) restarts from a checkpoint.
 #pragma once
