@@ -43,6 +43,11 @@ class HeldBlocks {
         exchange.recvs.insert(exchange.recvs.end(), {k(phase + 1), v(phase + 1)});
     }
 
+    // Frees the receive slots. Call on the compute stream once the last step's kernels are
+    // enqueued: every transfer into or out of a slot is ordered before that step (its wait for the
+    // last exchange), so the allocator may hand the bytes to later work on that stream.
+    void release_received() { received_ = at::Tensor(); }
+
   private:
     int world_size_;
     at::Tensor local_k_, local_v_;

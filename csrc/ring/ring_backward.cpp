@@ -28,16 +28,29 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
     // acc_[0] holds acc(0), which step 0 starts from zero; acc_[1] only ever receives.
     const at::Tensor dkv = at::empty({travels ? 2 : 1, 2, batch, seqlen_k, heads_kv, head_dim}, fp32);
     acc_[0] = dkv[0].zero_();
-    at::Tensor partials;  // (2 slots, 2 = dk/dv, b, s_k, h_kv, d); step p >= 1 uses slot p % 2
+    // Step p >= 1 adds its dK/dV of held(p) into a partial, slot (p - 1) % 2, because acc(p) arrives
+    // while the step runs. Two slots alternate, so one can be filled while the previous one is still
+    // being added on the comm stream; a ring of two has a single such step and needs one slot (at
+    // s_k 8k with 32 kv heads that saves 256 MiB).
+    at::Tensor partials;  // (slots, 2 = dk/dv, b, s_k, h_kv, d)
     if (travels) {
         acc_[1] = dkv[1];
-        partials = at::empty({2, 2, batch, seqlen_k, heads_kv, head_dim}, fp32);
+        const int64_t slots = std::min(2, world_size_ - 1);
+        partials = at::empty({slots, 2, batch, seqlen_k, heads_kv, head_dim}, fp32);
+        // Step N - 1 used partial slot (N - 2) % 2; its first half, as the input dtype, is the send
+        // buffer of the last hop (16-bit elements: half the bytes of the fp32 slot).
+        const at::Tensor slot = partials[(world_size_ - 2) % 2];
+        home_send_ = slot.view({-1}).view(dtype_).narrow(0, 0, slot.numel()).view(slot.sizes());
+        home_ = at::empty({2, batch, seqlen_k, heads_kv, head_dim}, q.options());
     }
     exchanges_.resize(world_size_ + 1);
     for (int phase = 0; travels && phase <= world_size_; ++phase) {
         Exchange& exchange = exchanges_[phase];
         held_.add_transfer(phase, exchange);
-        if (phase >= 1) {
+        if (phase == world_size_) {
+            exchange.sends.push_back(home_send_);
+            exchange.recvs.push_back(home_);
+        } else if (phase >= 1) {
             exchange.sends.push_back(acc_[(phase - 1) % 2]);
             exchange.recvs.push_back(acc_[phase % 2]);
         }
@@ -45,7 +58,7 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
     calls_.resize(world_size_);
     step_grads_.resize(world_size_);
     for (int step = 0; step < world_size_; ++step) {
-        const at::Tensor grads = step == 0 ? acc_[0] : partials[step % 2];
+        const at::Tensor grads = step == 0 ? acc_[0] : partials[(step - 1) % 2];
         int64_t first_row = seqlen_k, end_row = 0;
         for (const PlanPiece& piece : plan[step]) {
             if (piece.q_len == 0 || piece.k_len == 0) continue;
@@ -77,11 +90,11 @@ const Exchange& RingBackward::exchange(int phase) {
         // Step p - 1 is done: its partial is complete, and its K/V buffer may be overwritten.
         computed_events_[(phase - 1) % 2].block(comm_stream_);
         const StepGrads& previous = step_grads_[phase - 1];
-        if (previous.partial.defined()) {
-            // acc(p - 1) arrived earlier on this stream; complete it before it travels on.
-            c10::cuda::CUDAStreamGuard guard(comm_stream_);
-            previous.acc.add_(previous.partial);
-        }
+        c10::cuda::CUDAStreamGuard guard(comm_stream_);
+        // acc(p - 1) arrived earlier on this stream; complete it before it travels on.
+        if (previous.partial.defined()) previous.acc.add_(previous.partial);
+        // After the add: home_send_ overwrites the partial it read.
+        if (phase == world_size_) home_send_.copy_(acc_[(phase - 1) % 2]);
     }
     return exchanges_[phase];
 }
@@ -102,13 +115,13 @@ void RingBackward::compute(int phase) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> RingBackward::finish() {
     c10::cuda::CUDAStreamGuard guard(compute_stream_);
+    // The K/V blocks are no longer needed (see release_received): freed before the casts below
+    // allocate, which keeps them out of the backward's peak memory.
+    held_.release_received();
     at::Tensor dq = dq_accum_.to(dtype_);  // before the wait: overlaps the last hop of dK/dV
-    int home_slot = 0;
-    if (world_size_ > 1) {
-        home_slot = world_size_ % 2;
-        transferred_events_[home_slot].block(compute_stream_);
-    }
-    return {dq, acc_[home_slot][0].to(dtype_), acc_[home_slot][1].to(dtype_)};
+    if (world_size_ == 1) return {dq, acc_[0][0].to(dtype_), acc_[0][1].to(dtype_)};
+    transferred_events_[world_size_ % 2].block(compute_stream_);
+    return {dq, home_[0], home_[1]};
 }
 
 }  // namespace ring_attn
