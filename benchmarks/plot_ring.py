@@ -1,7 +1,7 @@
 """Draws the ring efficiency of ours and ring-flash-attn, per configuration and layout, from the
 JSON files bench_ring.py writes.
 
-    python3 benchmarks/plot_ring.py                         # every benchmarks/results/ring_*.json
+    python3 benchmarks/plot_ring.py                         # every benchmarks/results/ring_*_w*.json
     python3 benchmarks/plot_ring.py results_a.json b.json --out eff.png --metric efficiency_own_kernel
 
 One row of panels per file (GPU and world size), one panel per mode (fwd, fwd_bwd); in each panel a
@@ -27,17 +27,23 @@ METRICS = {"efficiency": "efficiency vs our 1-GPU kernel / N",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="*", help="ring JSON files (default: benchmarks/results/ring_*.json)")
+    p.add_argument("files", nargs="*", help="ring JSON files (default: benchmarks/results/ring_*_w*.json)")
     p.add_argument("--out", default=os.path.join(bench_common.RESULTS_DIR, "ring_efficiency.png"))
     p.add_argument("--metric", choices=sorted(METRICS), default="efficiency",
                    help="efficiency: against our single-GPU kernel (default); efficiency_own_kernel: against "
                         "each implementation's own (ring-flash-attn's 'theoretic')")
     args = p.parse_args(argv)
     if not args.files:
-        args.files = sorted(glob.glob(os.path.join(bench_common.RESULTS_DIR, "ring_*.json")))
+        args.files = ring_result_files(bench_common.RESULTS_DIR)
     if not args.files:
-        p.error(f"no ring_*.json in {bench_common.RESULTS_DIR}; run bench_ring.py first or name the files")
+        p.error(f"no ring_*_w*.json in {bench_common.RESULTS_DIR}; run bench_ring.py first or name the files")
     return args
+
+
+def ring_result_files(directory):
+    """bench_ring.py's results (ring_<gpu>_w<N>.json) in `directory`; bench_ring_loopback.py's
+    ring_loopback_<gpu>.json have other rows and are left out."""
+    return sorted(glob.glob(os.path.join(directory, "ring_*_w[0-9]*.json")))
 
 
 def draw_panel(ax, rows, mode, metric):

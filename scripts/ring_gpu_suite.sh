@@ -38,7 +38,7 @@ if build_stage 330 200; then
     run_stage bench_ring "$(stage_limit 600 30)" "$OUT/bench_ring.log" \
         python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" benchmarks/bench_ring.py "$@"
     copy_new_results "$stamp" "ring_*_w${NPROC}.json"
-    # Plots every ring_*.json in benchmarks/results (earlier runs included); its log joins the bench's.
+    # Plots every ring_*_w*.json in benchmarks/results (earlier runs included); its log joins the bench's.
     run_stage plot "$(stage_limit 60 0)" "$OUT/bench_ring.log" python3 benchmarks/plot_ring.py \
         && cp benchmarks/results/ring_efficiency.png "$OUT/"
 else
