@@ -21,8 +21,9 @@
 //   compute stream: [wait transferred[p-1]] zero partial, bwd kernels of step p  -> computed[p]
 // Two partial buffers alternate (a ring of two has one step >= 1 and one buffer), so step p's
 // kernels never wait for step p - 1's add; the zero of a partial buffer follows the add that read
-// it through transferred[p-1]. Adds and zeros cover only the key rows the step's pieces touch. delta = rowsum(dout * out) is computed once, dq
-// accumulates locally in fp32, and the casts to the input dtype happen once, in finish().
+// it through transferred[p-1]. Adds and zeros cover only the key rows the step's pieces touch.
+// delta = rowsum(dout * out) is computed once, dq accumulates locally in fp32, and the casts to the
+// input dtype happen once, in finish() (dK/dV: before the last hop, on the rank that sends it).
 #pragma once
 
 #include <ATen/ATen.h>
