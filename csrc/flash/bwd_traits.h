@@ -34,7 +34,7 @@ struct BwdMmaOp<cutlass::bfloat16_t> {
 // kStageDq:   dQ leaves through shared memory and TMA bulk reductions (Hopper) instead of
 //             per-thread atomics.
 template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kWarpsMSdP_,
-          int kWarpsNdKV_, int kWarpsMdQ_, int kStages_, bool kStageDq_ = false>
+          int kWarpsNdKV_, int kWarpsMdQ_, int kStages_, bool kStageDq_ = false, bool kVInRegs_ = false>
 struct BwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -134,6 +134,10 @@ struct BwdTraits {
     static constexpr int kSmemDqBytes = kStageDq ? kBlockM * kHeadDim * 4 : 0;
     static_assert(kSmemOperandBytes % 128 == 0, "TMA boxes need 128-byte aligned shared memory");
     static constexpr int kSmemBytes = kSmemOperandBytes + kSmemDqBytes;
+
+    // kVInRegs: each warp loads its slice of V (the B operand of dP = dO V^T) into registers once
+    // and keeps it for every query block, instead of reloading it from shared memory per block.
+    static constexpr bool kVInRegs = kVInRegs_;
 };
 
 }  // namespace ring_attn

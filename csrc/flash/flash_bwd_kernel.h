@@ -270,6 +270,13 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     load_rows(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO(_, _, _, 0), tQcQ, params.seqlen_q - m_block * kBlockM);
     cute::cp_async_fence();
 
+    // V in registers (Traits::kVInRegs): once K/V and the first query block have landed.
+    if constexpr (Traits::kVInRegs) {
+        cute::cp_async_wait<0>();
+        __syncthreads();
+        copy(copy_b_sdp, tdPsV, make_tensor(tdPrV.data(), decltype(copy_b_sdp)::retile(tdPrV.layout())));
+    }
+
     const float scale = params.softmax_scale;
     const float scale_log2 = params.softmax_scale_log2;
     const bool keys_tail = kKeysTail && keys_in_block < kBlockN;
@@ -348,7 +355,11 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         // dP = dO V^T, then dS = scale * P o (dP - delta) in place of dP.
         Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
         clear(acc_dp);
-        gemm_smem(mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO(_, _, _, stage), tdPsV, copy_a_sdp, copy_b_sdp);
+        if constexpr (Traits::kVInRegs) {
+            gemm_smem_a(mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO(_, _, _, stage), copy_a_sdp);
+        } else {
+            gemm_smem(mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO(_, _, _, stage), tdPsV, copy_a_sdp, copy_b_sdp);
+        }
         // P is read back from its 16-bit copy as pairs of adjacent columns, one 32-bit register each
         // (for bf16 two bit operations per pair; element by element the SASS took about three).
         Tensor ds = make_tensor(acc_dp.data(), accumulator_rows_cols(acc_dp.layout()));

@@ -19,17 +19,24 @@ namespace ring_attn {
 // so the next query block loads during this one). Shared memory for the operands: d32 112 KB,
 // d64 160 KB, d96 128 KB, d128 160 KB, d256 208 KB; A100 allows 163 KB per block, so d256 there
 // keeps a single Q/dO buffer (144 KB).
-// dQ staging (the last BwdTraits argument) is on for d32-d128 on Hopper, where it adds an fp32
+// dQ staging (the "stage dQ" BwdTraits argument) is on for d32-d128 on Hopper, where it adds an fp32
 // kBlockM x d tile (16-32 KB; none fits beside d256's operands). Measured on H100 (s 1k-16k) against
 // per-thread atomics, whose requests throttle the warps' load/store path: 4-9% faster at d128 and
 // 6-13% at d64 with 32-column swizzled slices, then another 1-2% (d128) and 2-7% (d64) with the
-// bank-conflict-free 8-column slices now used. Ampere keeps the atomics (no TMA).
-//                                               Element, d, kBlockM, kBlockN, warps, MSdP, NdKV, MdQ, stages
+// bank-conflict-free 8-column slices now used. Ampere keeps the atomics (no TMA). At d32 and d96 the
+// staging was measured against atomics on H200 (bf16, s 2k-16k): atomics 2-6% slower at d32 and
+// 6-9% at d96.
+// V in registers (the last BwdTraits argument; FlashAttention-2 does it at d32 and d96) is on at
+// d32 on Hopper: on H200 bf16 s 2k-16k, causal +1.4-2.8%, non-causal within 0.5%. At d96 it spills
+// (56 bytes) and measured causal +1.6-2.9% but non-causal -1.4% at s 8k/16k, so d96 keeps V in
+// shared memory.
+//                                               Element, d, kBlockM, kBlockN, warps, MSdP, NdKV, MdQ, stages,
+//                                               stage dQ, V in registers
 template <typename Element, int kHeadDim>
 struct BwdConfig;
 template <typename Element>
 struct BwdConfig<Element, 32> {
-    using Sm90 = BwdTraits<Element, 32, 128, 128, 8, 4, 4, 4, 2, true>;
+    using Sm90 = BwdTraits<Element, 32, 128, 128, 8, 4, 4, 4, 2, true, true>;
     using Sm80 = BwdTraits<Element, 32, 128, 128, 8, 4, 4, 4, 2>;
 };
 template <typename Element>

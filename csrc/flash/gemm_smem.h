@@ -35,4 +35,21 @@ __device__ __forceinline__ void gemm_smem(const TiledMma& mma, Acc& acc, FragA& 
     }
 }
 
+// acc += A * B as above, with B already held in registers for the whole K extent (loaded once by the
+// caller), so only A comes from shared memory.
+template <typename TiledMma, typename Acc, typename FragA, typename FragB, typename SmemA, typename CopyA>
+__device__ __forceinline__ void gemm_smem_a(const TiledMma& mma, Acc& acc, FragA& tCrA, const FragB& tCrB,
+                                            const SmemA& tCsA, const CopyA& copy_a) {
+    using namespace cute;
+    Tensor tCrA_view = make_tensor(tCrA.data(), CopyA::retile(tCrA.layout()));
+    CUTE_STATIC_ASSERT_V(size<1>(tCsA) == size<1>(tCrA_view));
+    CUTE_STATIC_ASSERT_V(size<2>(tCrA) == size<2>(tCrB));
+    copy(copy_a, tCsA(_, _, 0), tCrA_view(_, _, 0));
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(tCrA); ++k) {
+        if (k + 1 < size<2>(tCrA)) copy(copy_a, tCsA(_, _, k + 1), tCrA_view(_, _, k + 1));
+        cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), acc);
+    }
+}
+
 }  // namespace ring_attn
