@@ -37,10 +37,11 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
         acc_[1] = dkv[1];
         const int64_t slots = std::min(2, world_size_ - 1);
         partials = at::empty({slots, 2, batch, seqlen_k, heads_kv, head_dim}, fp32);
-        // Step N - 1 used partial slot (N - 2) % 2; its first half, as the input dtype, is the send
-        // buffer of the last hop (16-bit elements: half the bytes of the fp32 slot).
-        const at::Tensor slot = partials[(world_size_ - 2) % 2];
-        home_send_ = slot.view({-1}).view(dtype_).narrow(0, 0, slot.numel()).view(slot.sizes());
+        // The send buffer of the last hop is the first half of acc(N - 2)'s bytes, viewed as the
+        // input dtype (16-bit elements: half the bytes of the fp32 buffer). acc(N - 2) left in phase
+        // N - 1, and phase N runs after it on the comm stream, so the buffer is free by then.
+        const at::Tensor spent = acc_[world_size_ % 2];
+        home_send_ = spent.view({-1}).view(dtype_).narrow(0, 0, spent.numel()).view(spent.sizes());
         home_ = at::empty({2, batch, seqlen_k, heads_kv, head_dim}, q.options());
     }
     exchanges_.resize(world_size_ + 1);
@@ -75,7 +76,8 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
         if (step >= 1 && !calls_[step].empty()) {
             // (2 = dk/dv, b, rows, h_kv, d) views: the rows are dimension 2.
             step_grads_[step] = StepGrads{grads.narrow(2, first_row, end_row - first_row),
-                                          acc_[step % 2].narrow(2, first_row, end_row - first_row)};
+                                          acc_[step % 2].narrow(2, first_row, end_row - first_row), first_row,
+                                          end_row - first_row};
         }
     }
     if (travels) {
@@ -92,11 +94,31 @@ const Exchange& RingBackward::exchange(int phase) {
         const StepGrads& previous = step_grads_[phase - 1];
         c10::cuda::CUDAStreamGuard guard(comm_stream_);
         // acc(p - 1) arrived earlier on this stream; complete it before it travels on.
-        if (previous.partial.defined()) previous.acc.add_(previous.partial);
-        // After the add: home_send_ overwrites the partial it read.
-        if (phase == world_size_) home_send_.copy_(acc_[(phase - 1) % 2]);
+        if (phase < world_size_) {
+            if (previous.partial.defined()) previous.acc.add_(previous.partial);
+        } else {
+            complete_home_send(previous);
+        }
     }
     return exchanges_[phase];
+}
+
+void RingBackward::complete_home_send(const StepGrads& last) {
+    const at::Tensor acc = acc_[(world_size_ - 1) % 2];
+    if (!last.partial.defined()) {
+        home_send_.copy_(acc);
+        return;
+    }
+    // One pass: the sum is rounded to fp32 and then to the input dtype as the stored fp32 sum would
+    // be, without writing it back into acc and reading it again. Rows the step did not touch are
+    // only cast.
+    at::Tensor touched = home_send_.narrow(2, last.first_row, last.rows);
+    at::add_out(touched, last.acc, last.partial);
+    const int64_t end_row = last.first_row + last.rows, seqlen_k = acc.size(2);
+    if (last.first_row > 0) home_send_.narrow(2, 0, last.first_row).copy_(acc.narrow(2, 0, last.first_row));
+    if (end_row < seqlen_k) {
+        home_send_.narrow(2, end_row, seqlen_k - end_row).copy_(acc.narrow(2, end_row, seqlen_k - end_row));
+    }
 }
 
 void RingBackward::compute(int phase) {

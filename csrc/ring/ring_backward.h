@@ -16,7 +16,8 @@
 // kernels run; only the last hop home (phase N) has no kernel left to hide behind. That hop carries
 // the finished dK/dV already rounded to the input dtype (the same rounding the owner would do on
 // arrival, so the result is identical), half the bytes of fp32: on two H200s with 32 kv heads at
-// s_k 8k the exposed hop was 256 MiB. Phase 0 sends the local block.
+// s_k 8k the exposed hop was 256 MiB. The last step's add and that rounding are one pass over the
+// buffers. Phase 0 sends the local block.
 //   comm stream:    [wait computed[p-1]] add, exchange p  -> transferred[p]
 //   compute stream: [wait transferred[p-1]] zero partial, bwd kernels of step p  -> computed[p]
 // Two partial buffers alternate (a ring of two has one step >= 1 and one buffer), so step p's
@@ -64,11 +65,15 @@ class RingBackward {
         at::Tensor dout, q, k, v, lse, delta, dq_accum, dk_accum, dv_accum;
         std::optional<int64_t> key_offset_min, key_offset_max;
     };
-    // The key rows a step >= 1 touches: its partial buffer and its block's accumulator, narrowed
-    // to them (undefined for step 0 and for steps without kernels).
+    // The key rows a step >= 1 touches, [first_row, first_row + rows): its partial buffer and its
+    // block's accumulator, narrowed to them (undefined for step 0 and for steps without kernels).
     struct StepGrads {
         at::Tensor partial, acc;
+        int64_t first_row = 0, rows = 0;
     };
+    // Phase N, on the comm stream: home_send_ = acc(N - 1) + the last step's partial, in the input
+    // dtype.
+    void complete_home_send(const StepGrads& last);
 
     int world_size_;
     double softmax_scale_;
@@ -78,8 +83,8 @@ class RingBackward {
     HeldBlocks held_;
     std::array<at::Tensor, 2> acc_;  // fp32 (2 = dk/dv, b, s_k, h_kv, d); acc(p) is acc_[p % 2]
     // The last hop (rings of two or more): home_send_ holds acc(N - 1) in the input dtype, in the
-    // bytes of the partial buffer of step N - 1 (free once its add is done); home_ receives this
-    // rank's dK/dV, which finish() returns.
+    // bytes of acc(N - 2) (which left in phase N - 1); home_ receives this rank's dK/dV, which
+    // finish() returns.
     at::Tensor home_send_, home_;
     std::vector<Exchange> exchanges_;           // per phase
     std::vector<std::vector<GradCall>> calls_;  // per step
