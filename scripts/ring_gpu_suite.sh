@@ -2,7 +2,8 @@
 # One device call on a machine of several GPUs (nvidia-h200-x2): build the extension in place, run
 # the multi-GPU tests (the NCCL ring and its stuck-peer watchdog) and the main job
 # (python3 -m ring_attn_ext), then the ring benchmark with ring-flash-attn side by side (torchrun,
-# one process per GPU) and its plot; summary last.
+# one process per GPU) and its plot, then GPU timelines of the two configurations furthest from a
+# perfect ring (benchmarks/trace_ring.py); summary last.
 #
 #   bash scripts/ring_gpu_suite.sh [extra bench_ring.py arguments, e.g. --quick or --configs all]
 #
@@ -39,11 +40,22 @@ if build_stage 330 200; then
         python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" benchmarks/bench_ring.py "$@"
     copy_new_results "$stamp" "ring_*_w${NPROC}.json"
     # Plots every ring_*_w*.json in benchmarks/results (earlier runs included); its log joins the bench's.
-    run_stage plot "$(stage_limit 60 0)" "$OUT/bench_ring.log" python3 benchmarks/plot_ring.py \
+    run_stage plot "$(stage_limit 60 60)" "$OUT/bench_ring.log" python3 benchmarks/plot_ring.py \
         && cp benchmarks/results/ring_efficiency.png "$OUT/"
+    # Where the time goes (log joins the bench's, to stay within $OUT's eight files).
+    stamp="$(mktemp)"
+    run_stage trace_causal "$(stage_limit 60 30)" "$OUT/bench_ring.log" \
+        python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" benchmarks/trace_ring.py \
+        --config s8k_h32_kv32_causal --layout zigzag --mode fwd_bwd
+    run_stage trace_full "$(stage_limit 60 0)" "$OUT/bench_ring.log" \
+        python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" benchmarks/trace_ring.py \
+        --config s8k_h32_kv32_full --layout ring --mode fwd_bwd
+    copy_new_results "$stamp" "trace_ring_*.json"
 else
     skip_stage tests_ring "the extension did not build"
     skip_stage main_job "the extension did not build"
     skip_stage bench_ring "the extension did not build"
+    skip_stage trace_causal "the extension did not build"
+    skip_stage trace_full "the extension did not build"
 fi
 suite_summary

@@ -1,4 +1,5 @@
-"""Benchmark scripts that run on CPU: which result files the ring plot picks up by default."""
+"""Benchmark scripts' logic that runs on CPU: which result files the ring plot picks up by default,
+and how the ring trace splits a timeline."""
 import os
 import sys
 
@@ -6,6 +7,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import plot_ring  # noqa: E402  (benchmarks/ is not a package)
+import trace_ring  # noqa: E402
 
 
 def test_ring_plot_takes_bench_ring_results_and_leaves_out_loopback_ones(tmp_path):
@@ -15,3 +17,47 @@ def test_ring_plot_takes_bench_ring_results_and_leaves_out_loopback_ones(tmp_pat
         (tmp_path / name).write_text("{}")
     picked = [os.path.basename(path) for path in plot_ring.ring_result_files(str(tmp_path))]
     assert picked == ["ring_nvidia-h100-80gb-hbm3_w8.json", "ring_nvidia-h200_w2.json"]
+
+
+ATTENTION = "void ring_attn::flash_bwd_kernel<ring_attn::BwdTraits<bfloat16_t, 128>, false>(ring_attn::BwdParams)"
+FORWARD = "void ring_attn::flash::flash_fwd_kernel<ring_attn::flash::FwdTraits<cutlass::bfloat16_t, 128>>(...)"
+DELTA = "void ring_attn::bwd_delta_kernel<cutlass::bfloat16_t, 128>(ring_attn::BwdParams)"
+NCCL = "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)"
+ADD = "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>(int, ...)"
+
+
+def test_trace_breakdown_splits_an_iteration_by_what_runs():
+    # attention 0-10 and 12-20 (20-22 on a second stream overlaps the first), NCCL 5-15, an add
+    # 25-30, nothing 22-25 and 30-31, one more NCCL kernel 31-32.
+    kernels = [(ATTENTION, 0, 10), (ATTENTION, 12, 20), (ATTENTION, 19, 22), (NCCL, 5, 15), (ADD, 25, 30),
+               (NCCL, 31, 32)]
+    b = trace_ring.iteration_breakdown(kernels)
+    assert b["span_us"] == 32
+    assert b["attention_us"] == 20  # 0-10, 12-22
+    assert b["nccl_us"] == 11
+    assert b["nccl_only_us"] == 3  # 10-12 and 31-32
+    assert b["other_only_us"] == 5
+    assert b["idle_us"] == 32 - 20 - 3 - 5
+    assert b["attention_during_nccl_us"] == 8  # 5-10 and 12-15
+    assert b["attention_kernels"] == 3
+    assert trace_ring.iteration_breakdown([]) is None
+
+
+def test_trace_counts_our_forward_and_backward_kernels_as_attention():
+    assert trace_ring.kind_of(FORWARD) == trace_ring.kind_of(ATTENTION) == "attention"
+    assert trace_ring.kind_of(DELTA) == trace_ring.kind_of(ADD) == "other"
+    assert trace_ring.kind_of(NCCL) == "nccl"
+
+
+def test_trace_kernels_go_to_the_iteration_window_they_start_in():
+    events = [
+        {"cat": "user_annotation", "name": "ring_iteration_0", "ts": 100.0, "dur": 50.0},
+        {"cat": "user_annotation", "name": "ring_iteration_1", "ts": 200.0, "dur": 50.0},
+        {"cat": "user_annotation", "name": "local_iteration_0", "ts": 0.0, "dur": 500.0},
+        {"cat": "kernel", "name": ATTENTION, "ts": 110.0, "dur": 30.0},
+        {"cat": "kernel", "name": NCCL, "ts": 210.0, "dur": 5.0},
+        {"cat": "kernel", "name": ADD, "ts": 260.0, "dur": 5.0},  # outside both windows
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 105.0, "dur": 1.0},
+    ]
+    assert trace_ring.kernels_by_iteration(events, "ring_iteration_") == {
+        0: [(ATTENTION, 110.0, 140.0)], 1: [(NCCL, 210.0, 215.0)]}
