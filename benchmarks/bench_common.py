@@ -4,6 +4,7 @@ import datetime
 import json
 import os
 import re
+import socket
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,3 +55,29 @@ def write_json(path, document):
         json.dump(document, f, indent=1)
         f.write("\n")
     os.replace(partial, path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(local_rank, run, args, world):
+    run(args, local_rank, world, local_rank)
+
+
+def launch(run, args, script):
+    """Calls run(args, rank, world_size, local_rank) in every process of a one-host job: in this
+    process when torchrun started it, else in args.nproc processes spawned here (0: one per
+    visible GPU). `run` must be a module-level function (spawn pickles it by name)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
+        run(args, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+        return
+    import torch
+    world = args.nproc or torch.cuda.device_count()
+    if world < 1:
+        sys.exit(f"{script} needs CUDA GPUs")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    torch.multiprocessing.spawn(_spawned, args=(run, args, world), nprocs=world)

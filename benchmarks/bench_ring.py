@@ -40,7 +40,6 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
 
 import bench_common  # noqa: E402
@@ -380,28 +379,8 @@ def run(args, rank, world, local_rank):
         dist.destroy_process_group()
 
 
-def _spawned(local_rank, args, world):
-    run(args, local_rank, world, local_rank)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
-        run(args, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-        return
-    import torch
-    world = args.nproc or torch.cuda.device_count()
-    if world < 1:
-        sys.exit("bench_ring.py needs CUDA GPUs")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    torch.multiprocessing.spawn(_spawned, args=(args, world), nprocs=world)
+    bench_common.launch(run, parse_args(argv), "bench_ring.py")
 
 
 if __name__ == "__main__":

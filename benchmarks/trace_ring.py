@@ -20,10 +20,10 @@ of N spends N times that kernel's attention time, so
 Rank 0 prints a table and writes benchmarks/results/trace_ring_<gpu>_w<N>_<config>_<layout>_<mode>.json;
 --trace-dir also keeps each rank's Chrome trace (chrome://tracing, ui.perfetto.dev).
 """
+import argparse
 import os
 import re
 import statistics
-import sys
 
 import bench_common
 import bench_ring  # also sets the NVLink-multicast environment before torch.distributed starts
@@ -34,7 +34,6 @@ ATTENTION_KERNEL = re.compile(r"\bring_attn::(\w+::)*flash_(fwd|bwd)_kernel<")
 
 
 def parse_args(argv=None):
-    import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [c.name for c in bench_ring.ALL_CONFIGS]
@@ -223,22 +222,8 @@ def run(args, rank, world, local_rank):
         dist.destroy_process_group()
 
 
-def _spawned(local_rank, args, world):
-    run(args, local_rank, world, local_rank)
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
-        run(args, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-        return
-    import torch
-    world = args.nproc or torch.cuda.device_count()
-    if world < 1:
-        sys.exit("trace_ring.py needs CUDA GPUs")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(bench_ring.free_port()))
-    torch.multiprocessing.spawn(_spawned, args=(args, world), nprocs=world)
+    bench_common.launch(run, parse_args(argv), "trace_ring.py")
 
 
 if __name__ == "__main__":
