@@ -36,15 +36,15 @@ if build_stage 330 200; then
         tests/test_ring_timeout.py
     run_stage main_job "$(stage_limit 90 120)" "$OUT/main_job.log" python3 -m ring_attn_ext
     stamp="$(mktemp)"
-    run_stage bench_ring "$(stage_limit 600 30)" "$OUT/bench_ring.log" \
+    run_stage bench_ring "$(stage_limit 600 150)" "$OUT/bench_ring.log" \
         python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" benchmarks/bench_ring.py "$@"
     copy_new_results "$stamp" "ring_*_w${NPROC}.json"
     # Plots every ring_*_w*.json in benchmarks/results (earlier runs included); its log joins the bench's.
-    run_stage plot "$(stage_limit 60 60)" "$OUT/bench_ring.log" python3 benchmarks/plot_ring.py \
+    run_stage plot "$(stage_limit 60 120)" "$OUT/bench_ring.log" python3 benchmarks/plot_ring.py \
         && cp benchmarks/results/ring_efficiency.png "$OUT/"
     # Where the time goes (log joins the bench's, to stay within $OUT's eight files).
     stamp="$(mktemp)"
-    run_stage trace_causal "$(stage_limit 60 30)" "$OUT/bench_ring.log" \
+    run_stage trace_causal "$(stage_limit 60 60)" "$OUT/bench_ring.log" \
         python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" benchmarks/trace_ring.py \
         --config s8k_h32_kv32_causal --layout zigzag --mode fwd_bwd
     run_stage trace_full "$(stage_limit 60 0)" "$OUT/bench_ring.log" \
