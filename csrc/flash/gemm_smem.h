@@ -1,5 +1,6 @@
-// The shared-memory matrix product of both attention kernels: acc += A * B over the whole K extent of
-// two register fragments, each loaded from shared memory through its ldmatrix copy.
+// The shared-memory matrix products of both attention kernels: acc += A * B over the whole K extent of
+// two register fragments, each loaded from shared memory through its ldmatrix copy (gemm_smem), or
+// with B already held in registers (gemm_smem_a).
 #pragma once
 
 #include <cute/tensor.hpp>
