@@ -21,9 +21,11 @@ Rank 0 prints a table and writes benchmarks/results/trace_ring_<gpu>_w<N>_<confi
 --trace-dir also keeps each rank's Chrome trace (chrome://tracing, ui.perfetto.dev).
 """
 import argparse
+import json
 import os
 import re
 import statistics
+import tempfile
 
 import bench_common
 import bench_ring  # also sets the NVLink-multicast environment before torch.distributed starts
@@ -145,10 +147,8 @@ def median_breakdown(per_iteration):
 # --- Tracing -------------------------------------------------------------------------------------
 
 def traced_breakdown(torch, ring, step, args, label):
-    """Median breakdown of `step` over args.iters traced iterations on this rank, and the trace."""
-    import json
-    import tempfile
-
+    """Median breakdown of `step` over args.iters traced iterations on this rank; with --trace-dir
+    the Chrome trace is also kept there."""
     from torch.profiler import ProfilerActivity, profile, record_function
     for _ in range(args.warmup):
         step()
