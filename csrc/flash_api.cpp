@@ -285,7 +285,8 @@ at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
 void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_accum,
                           at::Tensor& dk_accum, at::Tensor& dv_accum, double softmax_scale,
-                          std::optional<int64_t> key_offset_min, std::optional<int64_t> key_offset_max) {
+                          std::optional<int64_t> key_offset_min, std::optional<int64_t> key_offset_max,
+                          bool dkv_overwrite) {
     const Dims d = check_qkv(q, k, v);
     check_scale(softmax_scale);
     check_dout_lse(dout, q, lse, d);
@@ -297,9 +298,20 @@ void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at:
     check_shape(dq_accum, "dq_accum", q.sizes());
     check_shape(dk_accum, "dk_accum", k.sizes());
     check_shape(dv_accum, "dv_accum", v.sizes());
+    RA_CHECK_VALUE(!dkv_overwrite || d.heads == d.heads_kv,
+                   "dkv_overwrite needs heads == heads_kv (under GQA several query heads add into one kv "
+                   "head's dk/dv), got heads ", d.heads, " and heads_kv ", d.heads_kv);
     const MaskBand band = make_mask_band(d, key_offset_min, key_offset_max);
     BwdLauncher launcher = bwd_launcher_for(q, d, band);
-    if (d.seqlen_q == 0 || d.seqlen_k == 0) return;
+    if (d.seqlen_k == 0) return;
+    if (d.seqlen_q == 0) {
+        // No query: the gradients of these keys are zero, which overwriting must leave behind.
+        if (dkv_overwrite) {
+            dk_accum.zero_();
+            dv_accum.zero_();
+        }
+        return;
+    }
     c10::cuda::CUDAGuard guard(q.device());
     BwdParams p = make_bwd_params(dout, q, k, v, lse, delta, d, softmax_scale, band);
     set_dq_accum(p, dq_accum);
@@ -312,6 +324,7 @@ void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at:
     }
     p.dk_accum = dk_accum.data_ptr<float>();
     p.dv_accum = dv_accum.data_ptr<float>();
+    p.dkv_overwrite = dkv_overwrite;
     set_dkv_strides(p, dk_accum, dv_accum);
     launcher(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -39,10 +39,14 @@ at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out);
 
 // Adds this block's gradients into caller-owned fp32 accumulators: dq_accum (b, s_q, h, d),
 // dk_accum and dv_accum (b, s_k, h_kv, d). lse and delta are the (global) (b, h, s_q) fp32 tensors.
+// dkv_overwrite (heads == heads_kv only): dk_accum and dv_accum are written, not added to, every
+// element of them (zeros for keys that no query sees), so they need no zero-fill and their old
+// contents are never read. dq_accum is always added to.
 void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_accum,
                           at::Tensor& dk_accum, at::Tensor& dv_accum, double softmax_scale,
-                          std::optional<int64_t> key_offset_min, std::optional<int64_t> key_offset_max);
+                          std::optional<int64_t> key_offset_min, std::optional<int64_t> key_offset_max,
+                          bool dkv_overwrite = false);
 
 // Plain backward: (dq, dk, dv) in the input dtype. dq accumulates in an fp32 buffer that the delta
 // kernel zero-fills; without GQA the kernel writes dk and dv directly in the input dtype (with GQA

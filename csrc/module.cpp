@@ -19,10 +19,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("out_final") = py::none());
     m.def("bwd_delta", &flash_bwd_delta, "rowsum(dout * out) in fp32, (b, h, s_q)", py::arg("dout"),
           py::arg("out"));
-    m.def("bwd_accumulate", &flash_bwd_accumulate, "Attention backward added into fp32 accumulators",
+    m.def("bwd_accumulate", &flash_bwd_accumulate,
+          "Attention backward added into fp32 accumulators; with dkv_overwrite (no GQA) dk_accum and "
+          "dv_accum are written instead of added to",
           py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lse"), py::arg("delta"),
           py::arg("dq_accum"), py::arg("dk_accum"), py::arg("dv_accum"), py::arg("softmax_scale"),
-          py::arg("key_offset_min"), py::arg("key_offset_max"));
+          py::arg("key_offset_min"), py::arg("key_offset_max"), py::arg("dkv_overwrite") = false);
     m.def("bwd", &flash_bwd, "Attention backward: returns (dq, dk, dv)", py::arg("dout"), py::arg("q"),
           py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("softmax_scale"),
           py::arg("key_offset_min"), py::arg("key_offset_max"));

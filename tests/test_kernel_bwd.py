@@ -11,6 +11,8 @@ _C.fwd first. Every case draws fresh random inputs and checks
     bit where nothing is added, and dk/dv (one owner per tile without GQA) are exactly prefill + the
     same call's result from zero;
   - accumulators whose column pairs are not 8-byte aligned get the same sums (scalar paths);
+  - with dkv_overwrite (no GQA) dk/dv accumulators full of NaN get exactly what adding into zeros
+    gives, unseen key blocks included, and nothing outside them; GQA refuses it;
   - splitting the keys into two bwd_accumulate calls (bands shifted to chunk-local positions, the
     GLOBAL lse and delta) gives the same gradients as one call over all keys;
   - delta = rowsum(dout * out) in fp32, for the compiled head dims and for odd ones (scalar tails,
@@ -272,6 +274,60 @@ def test_bwd_accumulate_into_unaligned_accumulators(dtype, head_dim, heads_kv):
     for name, got, base, want in zip(("dq", "dk", "dv"), unaligned, prefill, aligned):
         tolerance = 1e-6 * (base.abs().max().item() + want.abs().max().item())
         assert max_error(got, base + want) <= tolerance, f"{name}: unaligned accumulator differs"
+
+
+@pytest.mark.parametrize("layout", ("aligned", "unaligned"))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_accumulate_overwrite_writes_dk_dv(dtype, head_dim, layout):
+    """dkv_overwrite (no GQA): dk/dv accumulators holding NaN get exactly what adding into zeros gives,
+    keys that no query sees included (whole key blocks of them: the kernel's early exit), and not one
+    element outside the views; dq is still added to."""
+    skip_unless_backward_built(head_dim, dtype)
+    batch, seqlen_q, seqlen_k, heads = 2, 300, 1000, 4
+    q, k, v, dout = random_inputs(batch, seqlen_q, seqlen_k, heads, heads, head_dim, dtype)
+    kmin, kmax = 400, None  # keys 0..399 are seen by no query: several whole key blocks
+    scale = head_dim ** -0.5
+    out, lse = attention_reference(q, k, v, scale, kmin, kmax)
+    delta = _C.bwd_delta(dout, out)
+    fresh = [torch.zeros(t.shape, device="cuda") for t in (q, k, v)]
+    _C.bwd_accumulate(dout, q, k, v, lse, delta, *fresh, scale, kmin, kmax)
+
+    pad = 0 if layout == "aligned" else 2  # unaligned: views one float into rows of head_dim + 2
+    wide = [torch.full((*t.shape[:-1], head_dim + pad), float("nan"), device="cuda") for t in (k, v)]
+    dk, dv = (w[..., pad // 2:pad // 2 + head_dim] for w in wide)
+    dq_prefill = torch.randn(q.shape, device="cuda")
+    dq = dq_prefill.clone()
+    _C.bwd_accumulate(dout, q, k, v, lse, delta, dq, dk, dv, scale, kmin, kmax, dkv_overwrite=True)
+    torch.cuda.synchronize()
+    assert (fresh[1][:, :kmin] == 0).all() and (fresh[1][:, kmin:] != 0).any()
+    for name, got, want in (("dk", dk, fresh[1]), ("dv", dv, fresh[2])):
+        assert torch.equal(got, want), f"{name}: overwritten accumulator differs from adding into zeros"
+    if pad:
+        for name, w in zip(("dk", "dv"), wide):
+            assert w[..., 0].isnan().all() and w[..., -1].isnan().all(), f"{name}: wrote outside the view"
+    tolerance = 1e-6 * (dq_prefill.abs().max().item() + fresh[0].abs().max().item())
+    assert max_error(dq, dq_prefill + fresh[0]) <= tolerance, "dq must still be added to"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_accumulate_overwrite_rules(dtype):
+    """dkv_overwrite is refused under GQA (several query heads add into one kv head), and with no
+    query rows it leaves zeros."""
+    head_dim = _C.supported_head_dims()[0]
+    skip_unless_backward_built(head_dim, dtype)
+    q, k, v, dout = random_inputs(1, 64, 64, 4, 2, head_dim, dtype)
+    lse = torch.zeros(1, 4, 64, device="cuda")
+    accums = [torch.zeros(t.shape, device="cuda") for t in (q, k, v)]
+    with pytest.raises(ValueError, match=r"dkv_overwrite needs heads == heads_kv.*heads 4 and heads_kv 2"):
+        _C.bwd_accumulate(dout, q, k, v, lse, lse.clone(), *accums, 1.0, None, None, dkv_overwrite=True)
+
+    q, k, v, dout = random_inputs(1, 0, 64, 2, 2, head_dim, dtype)
+    empty = torch.zeros(1, 2, 0, device="cuda")
+    dq = torch.zeros(q.shape, device="cuda")
+    dk, dv = (torch.full(t.shape, float("nan"), device="cuda") for t in (k, v))
+    _C.bwd_accumulate(dout, q, k, v, empty, empty.clone(), dq, dk, dv, 1.0, None, None, dkv_overwrite=True)
+    assert (dk == 0).all() and (dv == 0).all()
 
 
 @pytest.mark.parametrize("band_kind", ("full", "causal", "window", "causal_strict"))

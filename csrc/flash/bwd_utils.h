@@ -113,15 +113,18 @@ __device__ __forceinline__ void store_pair(float* address, float2 value) {
 // What add_fragment does with each pair of a thread's accumulator values.
 enum class FragmentOp {
     kAtomicAdd,  // several CTAs add into the same addresses
-    kAdd,        // this CTA owns the addresses: plain read-add-write
+    kAdd,        // this CTA owns the addresses: plain read-add-write (or, with `overwrite`, write)
 };
 
 // Adds a fragment of an m16n8 accumulator into fp32 global memory: `dst` and `coord` are the same
 // tile partitioned like the accumulator (partition_C), and only rows below `rows` are touched
 // (kAllRows: the caller knows that every row of the tile is). Each thread's values come in pairs of
-// adjacent columns; with 8-byte aligned pairs they move as float2.
+// adjacent columns; with 8-byte aligned pairs they move as float2. kAdd with `overwrite` skips the
+// reads and writes the fragment as if adding to zeros: a runtime choice inside the same code, since
+// a separate store-only copy shifted ptxas's register allocation of the whole kernel.
 template <FragmentOp kOp, bool kPairAligned, bool kAllRows, typename Acc, typename Dst, typename Coord>
-__device__ __forceinline__ void add_fragment_impl(const Acc& acc, Dst& dst, const Coord& coord, int rows) {
+__device__ __forceinline__ void add_fragment_impl(const Acc& acc, Dst& dst, const Coord& coord, int rows,
+                                                  bool overwrite) {
     using namespace cute;
     auto in_rows = [&](const auto& first) { return kAllRows || get<0>(coord(first)) < rows; };
     if constexpr (kOp == FragmentOp::kAtomicAdd) {
@@ -135,7 +138,7 @@ __device__ __forceinline__ void add_fragment_impl(const Acc& acc, Dst& dst, cons
         // short sequences, with few query blocks per CTA, cannot hide).
         float2 old[decltype(size(acc))::value / 2];
         for_each_pair(acc, [&](int i, const auto& first, const auto&) {
-            if (in_rows(first)) old[i] = load_pair<kPairAligned>(&dst(first));
+            if (in_rows(first)) old[i] = overwrite ? make_float2(0.0f, 0.0f) : load_pair<kPairAligned>(&dst(first));
         });
         for_each_pair(acc, [&](int i, const auto& first, const auto& second) {
             if (in_rows(first)) {
@@ -151,11 +154,11 @@ __device__ __forceinline__ void add_fragment_impl(const Acc& acc, Dst& dst, cons
 // is the same for the whole CTA.
 template <FragmentOp kOp, int kTileRows, typename Acc, typename Dst, typename Coord>
 __device__ __forceinline__ void add_fragment(const Acc& acc, Dst&& dst, const Coord& coord, int rows,
-                                             bool pair_aligned) {
+                                             bool pair_aligned, bool overwrite = false) {
     if (pair_aligned && rows >= kTileRows) {
-        add_fragment_impl<kOp, true, true>(acc, dst, coord, rows);
+        add_fragment_impl<kOp, true, true>(acc, dst, coord, rows, overwrite);
     } else {
-        add_fragment_impl<kOp, false, false>(acc, dst, coord, rows);
+        add_fragment_impl<kOp, false, false>(acc, dst, coord, rows, overwrite);
     }
 }
 

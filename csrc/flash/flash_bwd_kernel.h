@@ -4,8 +4,9 @@
 // probabilities from the saved log-sum-exp, accumulates dK and dV in registers, and adds its share of
 // dQ into the caller's fp32 dq_accum: with fp32 atomics, or (Traits::kStageDq, Hopper) through a
 // shared-memory tile and TMA bulk reductions. At the end it adds dK and dV into the caller's fp32
-// dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA), or, for a plain
-// backward without GQA, writes them in the input dtype to dk_out / dv_out.
+// dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA), or, without
+// GQA, writes them: in fp32 over dk_accum / dv_accum (dkv_overwrite, a ring step's first call on
+// those key rows) or, for a plain backward, in the input dtype to dk_out / dv_out.
 //
 // Math, with S the unscaled scores and scale = softmax_scale:
 //   P  = exp(scale * S - lse) = exp2(S * scale * log2(e) - lse * log2(e))
@@ -88,6 +89,16 @@ __device__ __forceinline__ void zero_rows(void* base, int64_t offset, int64_t ro
     }
 }
 
+// Zeroes `rows` fp32 rows of kHeadDim elements, row_stride apart, from `start`: one float per store,
+// since an accumulator view need not be 16-byte aligned (this runs only for key blocks that no
+// query sees).
+template <int kHeadDim>
+__device__ __forceinline__ void zero_rows_fp32(float* start, int64_t row_stride, int rows) {
+    for (int i = threadIdx.x; i < rows * kHeadDim; i += blockDim.x) {
+        start[(i / kHeadDim) * row_stride + i % kHeadDim] = 0.0f;
+    }
+}
+
 // dQ staging (Traits::kStageDq, Hopper): after a query block's dQ = dS K, every thread stores its
 // fragment into the fp32 staging tile and fences the stores for the TMA; after the next barrier
 // thread 0 issues one bulk tensor reduction per 8-column slice into dq_accum (rows past seqlen_q
@@ -144,6 +155,9 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         if (params.dk_out != nullptr) {
             zero_rows<Element, kHeadDim>(params.dk_out, dk_offset, params.dk_row_stride, keys_in_block);
             zero_rows<Element, kHeadDim>(params.dv_out, dv_offset, params.dv_row_stride, keys_in_block);
+        } else if (params.dkv_overwrite) {
+            zero_rows_fp32<kHeadDim>(params.dk_accum + dk_offset, params.dk_row_stride, keys_in_block);
+            zero_rows_fp32<kHeadDim>(params.dv_accum + dv_offset, params.dv_row_stride, keys_in_block);
         }
         return;
     }
@@ -426,9 +440,9 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         if (tid == 0) wait_bulk_done();
     }
 
-    // Epilogue: dK and dV of kv head `head_kv`, either written in the input dtype or added into the
-    // caller's fp32 accumulators. With GQA several query heads (CTAs) add into the same tile, so the
-    // adds must be atomic then.
+    // Epilogue: dK and dV of kv head `head_kv`, written in the input dtype, or written over or added
+    // into the caller's fp32 accumulators. With GQA several query heads (CTAs) add into the same
+    // tile, so the adds must be atomic then.
     Tensor tdKVcdKV = thr_dkv.partition_C(make_identity_tensor(TileKV{}));
     if (params.dk_out != nullptr) {
         // The tiles go through shared memory (the Q and dO buffers, free once every warp is past the
@@ -478,9 +492,9 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
                                                       dv_aligned);
     } else {
         add_fragment<FragmentOp::kAdd, kBlockN>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block,
-                                                dk_aligned);
+                                                dk_aligned, params.dkv_overwrite);
         add_fragment<FragmentOp::kAdd, kBlockN>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block,
-                                                dv_aligned);
+                                                dv_aligned, params.dkv_overwrite);
     }
 }
 

@@ -77,7 +77,8 @@ struct BwdParams {
     int64_t lse_batch_stride, lse_head_stride;
     int64_t delta_batch_stride, delta_head_stride;
 
-    // Caller-owned fp32 accumulators; the kernel ADDS into them and never clears them.
+    // Caller-owned fp32 accumulators; the kernel ADDS into them and never clears them (but see
+    // dkv_overwrite below for dk/dv).
     // dq_accum: (batch, seqlen_q, heads, head_dim); dk_accum, dv_accum: (batch, seqlen_k, heads_kv,
     // head_dim). Several query heads share a kv head under GQA, so dk/dv adds must be atomic then.
     float* dq_accum;
@@ -95,6 +96,11 @@ struct BwdParams {
     // (true of the fresh contiguous tensors flash_bwd allocates, the head dim being a multiple of 8).
     void* dk_out;
     void* dv_out;
+    // Only when heads == heads_kv and dk_out is nullptr: the kernel WRITES its dK and dV over
+    // dk_accum / dv_accum instead of adding to them (keys that no query sees get zeros), so a caller
+    // whose first call on a set of key rows would add into zeros needs no zero-fill, and the epilogue
+    // reads nothing.
+    bool dkv_overwrite;
 
     int batch, seqlen_q, seqlen_k, heads, heads_kv;
     int head_dim;
