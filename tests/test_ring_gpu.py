@@ -6,7 +6,9 @@
     also runs every ring size from 1 to 8, global bands that leave rows without any key, and
     random plans (pieces in any order and overlap, empty ranges, empty bands, steps without
     pieces) against one softmax over exactly the pairs they compute: the output rows the pieces
-    emit and the rows finish() completes must make up every rank's whole output.
+    emit and the rows finish() completes must make up every rank's whole output. The backward also
+    runs random plans whose pieces' key ranges overlap, leave gaps or lie apart (which dK/dV rows a
+    kernel writes, which it adds to, and which start from zero).
 (b) NCCL: one process per GPU (two GPUs or more), through ring_attn_ext.forward/backward,
     every layout; each rank's forward must also equal the loopback ring's bit for bit.
 Both rings are also captured in a CUDA graph and replayed on new inputs.
@@ -343,6 +345,85 @@ def test_loopback_ring_forward_random_plans(world_size, seed):
         ref_out, ref_lse = masked_attention(qs[rank], keys, values, scale, masks[rank], upcast=True)
         same_out, _ = masked_attention(qs[rank], keys, values, scale, masks[rank], upcast=False)
         check_forward_rows(outs[rank], lses[rank], ref_out, ref_lse, same_out, f"rank {rank}")
+
+
+def random_backward_plan(rng, world_size, seqlen_local):
+    """(plan, mask) like random_plan, but each piece has query rows of its own and any key range, so
+    a step's key ranges overlap (wholly or in part), leave gaps, or lie apart, without a (query,
+    key) pair computed twice: what the backward's choice between writing and adding dK/dV must
+    get right."""
+    steps, mask = [], torch.zeros(seqlen_local, world_size * seqlen_local, dtype=torch.bool)
+    for step in range(world_size):
+        pieces = []
+        if rng.random() < 0.8:
+            cuts = sorted(rng.randint(0, seqlen_local) for _ in range(rng.randint(1, 3)))
+            edges = [0] + cuts + [seqlen_local]
+            for q_start, q_stop in zip(edges[:-1], edges[1:]):
+                k_start = rng.randint(0, seqlen_local - 1)
+                k_stop = rng.randint(k_start + 1, seqlen_local)
+                band = rng.choice([(None, None), (None, rng.randint(-20, 60)), (rng.randint(-60, 20), None)])
+                pieces.append((q_start, q_stop - q_start, k_start, k_stop - k_start, *band))
+                columns = slice(step * seqlen_local + k_start, step * seqlen_local + k_stop)
+                mask[q_start:q_stop, columns] = visible_mask(q_stop - q_start, k_stop - k_start, *band, "cpu")
+        rng.shuffle(pieces)
+        steps.append(pieces)
+    return steps, mask
+
+
+def masked_attention_for_autograd(q, k, v, scale, mask, upcast):
+    """masked_attention's output, written so that autograd gives finite (zero) gradients for rows
+    with no allowed key: those rows' scores are replaced by zeros before the softmax and their
+    probabilities by zeros after it."""
+    dtype = torch.float32 if upcast else q.dtype
+    group = q.shape[2] // k.shape[2]
+    qc, kc, vc = q.to(dtype), k.to(dtype).repeat_interleave(group, 2), v.to(dtype).repeat_interleave(group, 2)
+    mask = mask.to(q.device)
+    seen = mask.any(dim=-1, keepdim=True)  # (s_q, 1)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~seen, 0.0)
+    probs = torch.where(seen, torch.softmax(scores, dim=-1), 0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, vc)
+
+
+@requires_cuda_extension
+@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_loopback_ring_backward_random_plans(world_size, seed, heads, heads_kv):
+    """Any plan, backward: dq of every rank and dk/dv of every block (summed over the ranks that held
+    it) against autograd through one softmax per rank over exactly the pairs its pieces compute."""
+    head_dim, dtype = kernel_config()
+    rng = random.Random(100 * world_size + seed)
+    batch, seqlen_local, scale = 2, 150, head_dim ** -0.5
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(heads):
+        return [torch.randn(batch, seqlen_local, heads, head_dim, generator=generator).to("cuda", dtype)
+                for _ in range(world_size)]
+
+    qs, ks, vs, douts = draw(heads), draw(heads_kv), draw(heads_kv), draw(heads)
+    plans, masks = zip(*(random_backward_plan(rng, world_size, seqlen_local) for _ in range(world_size)))
+
+    def reference(upcast):
+        dtype_ = torch.float32 if upcast else dtype
+        leaves = [[t.detach().to(dtype_).requires_grad_() for t in ts] for ts in (qs, ks, vs)]
+        loss = 0
+        for rank in range(world_size):
+            held = [(rank - step) % world_size for step in range(world_size)]
+            keys = torch.cat([leaves[1][src] for src in held], dim=1)
+            values = torch.cat([leaves[2][src] for src in held], dim=1)
+            out = masked_attention_for_autograd(leaves[0][rank], keys, values, scale, masks[rank], upcast)
+            loss = loss + (out * douts[rank].to(out.dtype)).sum()
+        loss.backward()
+        return [[t.grad for t in ts] for ts in leaves]
+
+    want, same = reference(upcast=True), reference(upcast=False)
+    poison_cuda_allocator()
+    outs, lses = _ring_cuda.ring_forward_loopback(qs, ks, vs, list(plans), scale)
+    grads = _ring_cuda.ring_backward_loopback(douts, qs, ks, vs, outs, lses, list(plans), scale)
+    for name, got, ref, baseline in zip(("dq", "dk", "dv"), grads, want, same):
+        for rank in range(world_size):
+            assert_flash_rule(got[rank], ref[rank], baseline[rank], 3, f"{name} of rank {rank}", eps=GRADIENT_EPS)
 
 
 @requires_cuda_extension

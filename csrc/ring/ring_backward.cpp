@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "flash_api.h"
 
@@ -25,9 +26,9 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
     dq_accum_ = at::zeros({batch, seqlen_q, heads, head_dim}, fp32);
 
     const bool travels = held_.travels();
-    // acc_[0] holds acc(0), which step 0 starts from zero; acc_[1] only ever receives.
+    // acc_[0] holds acc(0), which step 0 starts; acc_[1] only ever receives.
     const at::Tensor dkv = at::empty({travels ? 2 : 1, 2, batch, seqlen_k, heads_kv, head_dim}, fp32);
-    acc_[0] = dkv[0].zero_();
+    acc_[0] = dkv[0];
     // Step p >= 1 adds its dK/dV of held(p) into a partial, slot (p - 1) % 2, because acc(p) arrives
     // while the step runs. Two slots alternate, so one can be filled while the previous one is still
     // being added on the comm stream; a ring of two has a single such step and needs one slot (at
@@ -42,7 +43,10 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
         // N - 1, and phase N runs after it on the comm stream, so the buffer is free by then.
         const at::Tensor spent = acc_[world_size_ % 2];
         home_send_ = spent.view({-1}).view(dtype_).narrow(0, 0, spent.numel()).view(spent.sizes());
-        home_ = at::empty({2, batch, seqlen_k, heads_kv, head_dim}, q.options());
+        // This rank's dK/dV arrive in phase N, after the last step's kernels (which the comm stream
+        // waits for before that exchange) have read the K/V of the last slot: its bytes take them, and
+        // the backward allocates no buffer for its results (128 MiB at 32 kv heads, s_k 8k).
+        home_ = held_.last_slot();
     }
     exchanges_.resize(world_size_ + 1);
     for (int phase = 0; travels && phase <= world_size_; ++phase) {
@@ -58,27 +62,51 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
     }
     calls_.resize(world_size_);
     step_grads_.resize(world_size_);
+    zero_first_.resize(world_size_);
+    // Without GQA each dK/dV tile of a call has one owner CTA, so a call whose key rows no earlier
+    // call of its step touched can write its gradients over the buffer instead of adding them to
+    // zeros: no zero-fill, and the kernels read nothing back. Under GQA every call adds.
+    const bool calls_can_overwrite = heads == heads_kv;
     for (int step = 0; step < world_size_; ++step) {
         const at::Tensor grads = step == 0 ? acc_[0] : partials[(step - 1) % 2];
         int64_t first_row = seqlen_k, end_row = 0;
+        std::vector<std::pair<int64_t, int64_t>> touched, overwritten;  // key-row ranges [begin, end)
         for (const PlanPiece& piece : plan[step]) {
             if (piece.q_len == 0 || piece.k_len == 0) continue;
+            const std::pair<int64_t, int64_t> rows{piece.k_start, piece.k_start + piece.k_len};
+            const bool overwrite = calls_can_overwrite && std::none_of(touched.begin(), touched.end(), [&](auto r) {
+                                       return r.first < rows.second && rows.first < r.second;
+                                   });
+            touched.push_back(rows);
+            if (overwrite) overwritten.push_back(rows);
             auto rows_q = [&](const at::Tensor& t) { return t.narrow(1, piece.q_start, piece.q_len); };
             auto rows_k = [&](const at::Tensor& t) { return t.narrow(1, piece.k_start, piece.k_len); };
             calls_[step].push_back(GradCall{rows_q(dout), rows_q(q), rows_k(held_.k(step)), rows_k(held_.v(step)),
                                             lse.narrow(2, piece.q_start, piece.q_len),
                                             delta_.narrow(2, piece.q_start, piece.q_len), rows_q(dq_accum_),
                                             rows_k(grads[0]), rows_k(grads[1]), piece.key_offset_min,
-                                            piece.key_offset_max});
-            first_row = std::min(first_row, piece.k_start);
-            end_row = std::max(end_row, piece.k_start + piece.k_len);
+                                            piece.key_offset_max, overwrite});
+            first_row = std::min(first_row, rows.first);
+            end_row = std::max(end_row, rows.second);
         }
         if (step >= 1 && !calls_[step].empty()) {
             // (2 = dk/dv, b, rows, h_kv, d) views: the rows are dimension 2.
             step_grads_[step] = StepGrads{grads.narrow(2, first_row, end_row - first_row),
-                                          acc_[step % 2].narrow(2, first_row, end_row - first_row), first_row,
-                                          end_row - first_row};
+                                          acc_[step % 2].narrow(2, first_row, end_row - first_row), first_row};
         }
+        // What the step's buffer must hold when its kernels are done: all of acc(0) (it travels, or is
+        // the result, whole), the touched rows of a partial. The rows of it that no overwriting call
+        // writes start from zero.
+        if (step == 0) {
+            first_row = 0, end_row = seqlen_k;
+        }
+        std::sort(overwritten.begin(), overwritten.end());
+        int64_t row = first_row;
+        for (const auto& [begin, end] : overwritten) {
+            if (begin > row) zero_first_[step].push_back(grads.narrow(2, row, begin - row));
+            row = std::max(row, end);
+        }
+        if (row < end_row) zero_first_[step].push_back(grads.narrow(2, row, end_row - row));
     }
     if (travels) {
         // The comm stream starts after everything the caller enqueued and the set-up above.
@@ -112,9 +140,10 @@ void RingBackward::complete_home_send(const StepGrads& last) {
     // One pass: the sum is rounded to fp32 and then to the input dtype as the stored fp32 sum would
     // be, without writing it back into acc and reading it again. Rows the step did not touch are
     // only cast.
-    at::Tensor touched = home_send_.narrow(2, last.first_row, last.rows);
+    const int64_t rows = last.partial.size(2);
+    at::Tensor touched = home_send_.narrow(2, last.first_row, rows);
     at::add_out(touched, last.acc, last.partial);
-    const int64_t end_row = last.first_row + last.rows, seqlen_k = acc.size(2);
+    const int64_t end_row = last.first_row + rows, seqlen_k = acc.size(2);
     if (last.first_row > 0) home_send_.narrow(2, 0, last.first_row).copy_(acc.narrow(2, 0, last.first_row));
     if (end_row < seqlen_k) {
         home_send_.narrow(2, end_row, seqlen_k - end_row).copy_(acc.narrow(2, end_row, seqlen_k - end_row));
@@ -127,18 +156,20 @@ void RingBackward::compute(int phase) {
     if (phase == world_size_) return;  // the last phase only brings this rank's dK/dV home
     // held(p) arrived in phase p - 1, which also follows the add that last read this partial buffer.
     if (phase >= 1) transferred_events_[(phase - 1) % 2].block(compute_stream_);
-    if (step_grads_[phase].partial.defined()) step_grads_[phase].partial.zero_();
+    for (at::Tensor& rows : zero_first_[phase]) rows.zero_();
     for (GradCall& call : calls_[phase]) {
         flash_bwd_accumulate(call.dout, call.q, call.k, call.v, call.lse, call.delta, call.dq_accum, call.dk_accum,
-                             call.dv_accum, softmax_scale_, call.key_offset_min, call.key_offset_max);
+                             call.dv_accum, softmax_scale_, call.key_offset_min, call.key_offset_max,
+                             call.dkv_overwrite);
     }
     computed_events_[phase % 2].record(compute_stream_);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> RingBackward::finish() {
     c10::cuda::CUDAStreamGuard guard(compute_stream_);
-    // The K/V blocks are no longer needed (see release_received): freed before the casts below
-    // allocate, which keeps them out of the backward's peak memory.
+    // The K/V blocks are no longer needed (see release_received): the slot that home_ does not
+    // occupy (rings of three or more) is freed before the casts below allocate, which keeps it out of
+    // the backward's peak memory.
     held_.release_received();
     at::Tensor dq = dq_accum_.to(dtype_);  // before the wait: overlaps the last hop of dK/dV
     if (world_size_ == 1) return {dq, acc_[0][0].to(dtype_), acc_[0][1].to(dtype_)};

@@ -4,7 +4,7 @@
 // K/V travel the ring again, N - 1 hops. dK/dV of each block accumulate in fp32 buffers that
 // travel with it, N hops, so each comes home to its owner after the last step. A block's dK/dV
 // cannot arrive before the previous rank has finished its step on that block, so step p >= 1
-// computes its own dK/dV into a zeroed fp32 `partial` while the block's accumulated dK/dV, acc(p),
+// computes its own dK/dV into an fp32 `partial` while the block's accumulated dK/dV, acc(p),
 // is in flight, and the comm stream adds partial into acc(p) right before sending it on (step 0
 // starts the block's accumulator itself). Each phase p >= 1 is one NCCL group, issued once step
 // p - 1 is done:
@@ -19,10 +19,13 @@
 // s_k 8k the exposed hop was 256 MiB. The last step's add and that rounding are one pass over the
 // buffers. Phase 0 sends the local block.
 //   comm stream:    [wait computed[p-1]] add, exchange p  -> transferred[p]
-//   compute stream: [wait transferred[p-1]] zero partial, bwd kernels of step p  -> computed[p]
+//   compute stream: [wait transferred[p-1]] zero rows, bwd kernels of step p  -> computed[p]
 // Two partial buffers alternate (a ring of two has one step >= 1 and one buffer), so step p's
-// kernels never wait for step p - 1's add; the zero of a partial buffer follows the add that read
-// it through transferred[p-1]. Adds and zeros cover only the key rows the step's pieces touch.
+// kernels never wait for step p - 1's add; the writes into a partial buffer follow the add that read
+// it through transferred[p-1]. Adds and writes cover only the key rows the step's pieces touch.
+// Without GQA a step's first kernel on a set of key rows writes its dK/dV over the buffer (acc(0) or
+// a partial) instead of adding into zeros: only rows that no such kernel writes are zero-filled,
+// which at 32 kv heads and s_k 8k saves up to two 256 MiB fills, and reads, per backward at N = 2.
 // delta = rowsum(dout * out) is computed once, dq accumulates locally in fp32, and the casts to the
 // input dtype happen once, in finish() (dK/dV: before the last hop, on the rank that sends it).
 #pragma once
@@ -64,12 +67,13 @@ class RingBackward {
     struct GradCall {
         at::Tensor dout, q, k, v, lse, delta, dq_accum, dk_accum, dv_accum;
         std::optional<int64_t> key_offset_min, key_offset_max;
+        bool dkv_overwrite;  // the first call of its step on these key rows, without GQA: writes, not adds
     };
-    // The key rows a step >= 1 touches, [first_row, first_row + rows): its partial buffer and its
-    // block's accumulator, narrowed to them (undefined for step 0 and for steps without kernels).
+    // The key rows a step >= 1 touches, from first_row on: its partial buffer and its block's
+    // accumulator, narrowed to them (undefined for step 0 and for steps without kernels).
     struct StepGrads {
         at::Tensor partial, acc;
-        int64_t first_row = 0, rows = 0;
+        int64_t first_row = 0;
     };
     // Phase N, on the comm stream: home_send_ = acc(N - 1) + the last step's partial, in the input
     // dtype.
@@ -84,11 +88,14 @@ class RingBackward {
     std::array<at::Tensor, 2> acc_;  // fp32 (2 = dk/dv, b, s_k, h_kv, d); acc(p) is acc_[p % 2]
     // The last hop (rings of two or more): home_send_ holds acc(N - 1) in the input dtype, in the
     // bytes of acc(N - 2) (which left in phase N - 1); home_ receives this rank's dK/dV, which
-    // finish() returns.
+    // finish() returns, in the K/V receive slot of the last step (HeldBlocks::last_slot).
     at::Tensor home_send_, home_;
     std::vector<Exchange> exchanges_;           // per phase
     std::vector<std::vector<GradCall>> calls_;  // per step
     std::vector<StepGrads> step_grads_;         // per step
+    // Per step: the rows of its gradient buffer that must be zero before its kernels run, those that
+    // no overwriting call writes (all of them under GQA).
+    std::vector<std::vector<at::Tensor>> zero_first_;
     CudaEvent inputs_ready_;
     std::array<CudaEvent, 2> transferred_events_;  // by phase parity
     std::array<CudaEvent, 2> computed_events_;     // by phase parity
