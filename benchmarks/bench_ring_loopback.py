@@ -17,8 +17,9 @@ causal or not). The global attention has N * N times the work of one shard again
     compute efficiency = N * N * t(local) / t(loopback ring of N ranks),
 where t(local) times ring_attn_ext._C.fwd (fwd) or _C.fwd + _C.bwd (fwd_bwd) on one shard and the
 loopback times ring_forward_loopback (+ ring_backward_loopback) over all N ranks. 1.0 means the
-ring adds nothing on top of the kernels. Prints a table and writes
-benchmarks/results/ring_loopback_<gpu>.json.
+ring adds nothing on top of the kernels. MiB/rank is one such call's peak allocation beyond its
+inputs, divided by N: about what one rank of a real ring allocates (the virtual ranks' buffers all live
+through the call). Prints a table and writes benchmarks/results/ring_loopback_<gpu>.json.
 """
 import argparse
 import itertools
@@ -72,6 +73,17 @@ def seconds_per_call(torch, fn, target_s):
     return start.elapsed_time(end) / 1e3 / iters
 
 
+def peak_mib(torch, fn):
+    """MiB that one call of fn allocates at its peak beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def local_call(C, band, mode, shard, scale):
     q, k, v, dout = shard
     if mode == "fwd":
@@ -111,7 +123,7 @@ def main(argv=None):
                                         f"ring_loopback_{bench_common.gpu_slug(gpu)}.json")
     document = {"meta": bench_common.run_metadata(torch), "rows": []}
     header = f"{'N':>2} {'s_local':>7} {'h':>3} {'h_kv':>4} {'causal':>6} {'mode':>7} {'layout':>6} | " \
-             f"{'local ms':>9} {'ring ms':>9} {'compute eff':>11}"
+             f"{'local ms':>9} {'ring ms':>9} {'compute eff':>11} {'MiB/rank':>10}"
     print(f"{gpu}: loopback ring, bf16, d {head_dim}\n{header}\n{'-' * len(header)}", flush=True)
     for world, seqlen, heads_kv, causal in itertools.product(args.worlds, args.seqlens, args.heads_kv, args.causal):
         torch.manual_seed(0)
@@ -127,16 +139,19 @@ def main(argv=None):
                 shards = [[ring_attn_ext.shard(t, layout, rank, world).contiguous() for rank in range(world)]
                           for t in full]
                 plans = [build_plan(layout, rank, world, seqlen, causal) for rank in range(world)]
-                ring_s = seconds_per_call(torch, loopback_call(_ring_cuda, mode, shards, plans, scale),
-                                          args.target_s)
+                ring = loopback_call(_ring_cuda, mode, shards, plans, scale)
+                ring_s = seconds_per_call(torch, ring, args.target_s)
                 efficiency = world * world * local_s / ring_s
+                per_rank_mib = peak_mib(torch, ring) / world
                 row = {"world": world, "seqlen_local": seqlen, "heads": args.heads, "heads_kv": heads_kv,
                        "head_dim": head_dim, "causal": causal, "mode": mode, "layout": layout,
                        "local_ms": round(local_s * 1e3, 4), "ring_ms": round(ring_s * 1e3, 4),
-                       "compute_efficiency": round(efficiency, 4)}
+                       "compute_efficiency": round(efficiency, 4), "peak_mib_per_rank": round(per_rank_mib, 1)}
                 document["rows"].append(row)
                 print(f"{world:>2} {seqlen:>7} {args.heads:>3} {heads_kv:>4} {str(causal):>6} {mode:>7} "
-                      f"{layout:>6} | {local_s * 1e3:>9.3f} {ring_s * 1e3:>9.3f} {efficiency:>11.3f}", flush=True)
+                      f"{layout:>6} | {local_s * 1e3:>9.3f} {ring_s * 1e3:>9.3f} {efficiency:>11.3f} "
+                      f"{per_rank_mib:>10.1f}", flush=True)
+                del ring
                 del shards
         del full, local
         torch.cuda.empty_cache()
