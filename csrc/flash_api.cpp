@@ -236,7 +236,7 @@ BwdParams make_bwd_params(const at::Tensor& dout, const at::Tensor& q, const at:
     return p;
 }
 
-void set_dq_accum(BwdParams& p, at::Tensor& dq_accum) {
+void set_dq_accum(BwdParams& p, const at::Tensor& dq_accum) {
     p.dq_accum = dq_accum.data_ptr<float>();
     p.dq_batch_stride = dq_accum.stride(0), p.dq_row_stride = dq_accum.stride(1);
     p.dq_head_stride = dq_accum.stride(2);
@@ -269,14 +269,19 @@ void check_out_dout(const at::Tensor& dout, const at::Tensor& out) {
 
 }  // namespace
 
-at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
+at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out, const std::optional<at::Tensor>& dq_accum) {
     check_out_dout(dout, out);
+    if (dq_accum.has_value()) {
+        check_fp32(*dq_accum, "dq_accum", out);
+        check_shape(*dq_accum, "dq_accum", out.sizes());
+    }
     const DType dtype = to_dtype(out, "out");
     c10::cuda::CUDAGuard guard(out.device());
     at::Tensor delta = at::empty({out.size(0), out.size(2), out.size(1)}, out.options().dtype(at::kFloat));
     if (out.size(1) == 0) return delta;
     BwdParams p{};
     set_delta_inputs(p, dout, out, delta);
+    if (dq_accum.has_value()) set_dq_accum(p, *dq_accum);
     launch_bwd_delta(p, dtype, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return delta;

@@ -35,7 +35,10 @@ void flash_fwd_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const std::optional<at::Tensor>& out_final = std::nullopt);
 
 // delta = rowsum(dout * out) in fp32, (b, h, s_q): the same for every block of a ring backward.
-at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out);
+// With dq_accum (fp32, out's shape, any strides with the last dimension contiguous) the same pass
+// also zero-fills it, so that a backward's dQ accumulator needs no fill of its own.
+at::Tensor flash_bwd_delta(const at::Tensor& dout, const at::Tensor& out,
+                           const std::optional<at::Tensor>& dq_accum = std::nullopt);
 
 // Adds this block's gradients into caller-owned fp32 accumulators: dq_accum (b, s_q, h, d),
 // dk_accum and dv_accum (b, s_k, h_kv, d). lse and delta are the (global) (b, h, s_q) fp32 tensors.

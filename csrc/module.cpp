@@ -17,8 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out_accum"), py::arg("lse_accum"),
           py::arg("softmax_scale"), py::arg("key_offset_min"), py::arg("key_offset_max"),
           py::arg("out_final") = py::none());
-    m.def("bwd_delta", &flash_bwd_delta, "rowsum(dout * out) in fp32, (b, h, s_q)", py::arg("dout"),
-          py::arg("out"));
+    m.def("bwd_delta", &flash_bwd_delta,
+          "rowsum(dout * out) in fp32, (b, h, s_q); with dq_accum, also zero-fills that fp32 tensor",
+          py::arg("dout"), py::arg("out"), py::arg("dq_accum") = py::none());
     m.def("bwd_accumulate", &flash_bwd_accumulate,
           "Attention backward added into fp32 accumulators; with dkv_overwrite (no GQA) dk_accum and "
           "dv_accum are written instead of added to",

@@ -16,7 +16,7 @@ _C.fwd first. Every case draws fresh random inputs and checks
   - splitting the keys into two bwd_accumulate calls (bands shifted to chunk-local positions, the
     GLOBAL lse and delta) gives the same gradients as one call over all keys;
   - delta = rowsum(dout * out) in fp32, for the compiled head dims and for odd ones (scalar tails,
-    several passes per row);
+    several passes per row); given a dq_accum, the same pass zero-fills it;
   - _C.bwd without GQA gets dk and dv written by the kernel in the input dtype and its dq accumulator
     zero-filled by the delta kernel: the poisoned allocator makes any element they miss show as NaN;
     empty sequences give zero gradients.
@@ -378,6 +378,27 @@ def test_bwd_delta_is_rowsum_of_dout_times_out(dtype, head_dim):
     assert delta.dtype == torch.float32 and delta.shape == (batch, heads, seqlen)
     assert torch.isfinite(delta).all()
     assert max_error(delta, want) <= 1e-5 * math.sqrt(head_dim)
+
+
+@pytest.mark.parametrize("layout", ("aligned", "unaligned"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_delta_zero_fills_dq_accum(dtype, layout):
+    """With dq_accum the delta pass also zero-fills it (16-byte stores where rows are aligned,
+    scalar ones where not), and touches nothing outside the view; delta is unchanged."""
+    batch, seqlen, heads, head_dim = 2, 333, 4, 128
+    out = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+    dout = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype)
+    pad = 0 if layout == "aligned" else 2
+    wide = torch.full((batch, seqlen, heads, head_dim + pad), float("nan"), device="cuda")
+    dq_accum = wide[..., pad // 2:pad // 2 + head_dim]
+    delta = _C.bwd_delta(dout, out, dq_accum)
+    torch.cuda.synchronize()
+    assert (dq_accum == 0).all(), "dq_accum must be zero-filled"
+    if pad:
+        assert wide[..., 0].isnan().all() and wide[..., -1].isnan().all(), "wrote outside the view"
+    assert torch.equal(delta, _C.bwd_delta(dout, out))
+    with pytest.raises(ValueError, match="dq_accum must have shape"):
+        _C.bwd_delta(dout, out, dq_accum[:, 1:])
 
 
 @pytest.mark.parametrize("head_dim", (8, 20, 40, 520))

@@ -22,8 +22,8 @@ RingBackward::RingBackward(const at::Tensor& dout, const at::Tensor& q, const at
     const int64_t batch = q.size(0), seqlen_q = q.size(1), heads = q.size(2), head_dim = q.size(3);
     const int64_t seqlen_k = k.size(1), heads_kv = k.size(2);
     const auto fp32 = q.options().dtype(at::kFloat);
-    delta_ = flash_bwd_delta(dout, out);
-    dq_accum_ = at::zeros({batch, seqlen_q, heads, head_dim}, fp32);
+    dq_accum_ = at::empty({batch, seqlen_q, heads, head_dim}, fp32);
+    delta_ = flash_bwd_delta(dout, out, dq_accum_);  // also zero-fills dq_accum_
 
     const bool travels = held_.travels();
     // acc_[0] holds acc(0), which step 0 starts; acc_[1] only ever receives.
