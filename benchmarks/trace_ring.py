@@ -13,6 +13,8 @@ it measures, per iteration (the median over the traced ones):
   other_only  time while only other kernels run (the backward's adds, casts, zero-fills, delta)
   idle        time inside the span with no kernel at all
   attention_during_nccl  attention and NCCL kernels at once (the overlap a ring relies on)
+  nccl_ctas   the largest grid (CTAs) of an NCCL kernel: while it runs, that many SMs host an NCCL
+              CTA, and the backward kernel (one CTA of 255-register threads per SM) fits beside none
 The same for our kernel on the local shard alone (what bench_ring calls ours_local): a perfect ring
 of N spends N times that kernel's attention time, so
   span - N * local attention = (attention - N * local attention)        kernels slower or split up
@@ -99,13 +101,17 @@ def kind_of(kernel_name):
 
 
 def iteration_breakdown(kernels):
-    """Microseconds of one iteration from its kernels [(name, start, end)]: see the module docstring."""
+    """Microseconds of one iteration from its kernels [(name, start, end, ctas)] (ctas: the grid's
+    size, None where the trace has none): see the module docstring."""
     if not kernels:
         return None
     by_kind = {"attention": [], "nccl": [], "other": []}
-    for name, start, end in kernels:
+    nccl_grids = []
+    for name, start, end, ctas in kernels:
         by_kind[kind_of(name)].append((start, end))
-    span = max(end for _, _, end in kernels) - min(start for _, start, _ in kernels)
+        if kind_of(name) == "nccl" and ctas is not None:
+            nccl_grids.append(ctas)
+    span = max(end for _, _, end, _ in kernels) - min(start for _, start, _, _ in kernels)
     attention, nccl, other = (by_kind[k] for k in ("attention", "nccl", "other"))
     busy = length(attention + nccl + other)
     attention_or_nccl = length(attention + nccl)
@@ -118,12 +124,19 @@ def iteration_breakdown(kernels):
         "idle_us": span - busy,
         "attention_kernels": len(attention),
         "attention_during_nccl_us": length(intersection(attention, nccl)),
+        "nccl_ctas": max(nccl_grids, default=None),  # None: no NCCL kernel, or no grid in the trace
     }
 
 
+def grid_size(event):
+    """CTAs of a kernel event (torch.profiler's Chrome trace gives its "grid" in args), or None."""
+    grid = event.get("args", {}).get("grid")
+    return None if not grid else grid[0] * grid[1] * grid[2]
+
+
 def kernels_by_iteration(trace_events, prefix):
-    """{iteration: [(name, start, end)]}: GPU kernels of a Chrome trace, assigned to the host-side
-    windows (user annotations named prefix + number) that contain their start."""
+    """{iteration: [(name, start, end, ctas)]}: GPU kernels of a Chrome trace, assigned to the
+    host-side windows (user annotations named prefix + number) that contain their start."""
     windows = [(int(e["name"][len(prefix):]), e["ts"], e["ts"] + e["dur"]) for e in trace_events
                if e.get("cat") == "user_annotation" and e.get("name", "").startswith(prefix)]
     result = {index: [] for index, _, _ in windows}
@@ -132,16 +145,21 @@ def kernels_by_iteration(trace_events, prefix):
             continue
         for index, start, end in windows:
             if start <= e["ts"] <= end:
-                result[index].append((e["name"], e["ts"], e["ts"] + e["dur"]))
+                result[index].append((e["name"], e["ts"], e["ts"] + e["dur"], grid_size(e)))
                 break
     return result
 
 
 def median_breakdown(per_iteration):
+    """Per key, the median over the iterations that have a value (None where none has)."""
     rows = [b for b in per_iteration if b is not None]
     if not rows:
         return None
-    return {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+    result = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r[key] is not None]
+        result[key] = statistics.median(values) if values else None
+    return result
 
 
 # --- Tracing -------------------------------------------------------------------------------------
@@ -178,14 +196,14 @@ def format_report(config_name, layout, mode, world, results):
     """results: [(rank, local breakdown, ring breakdown)]."""
     lines = [f"{config_name} {layout} {mode}, {world} ranks; milliseconds, median of the traced iterations",
              f"{'rank':>4} {'local attn':>10} {'span':>8} {'attn':>8} {'attn-N*local':>12} {'nccl':>8} "
-             f"{'nccl only':>9} {'other only':>10} {'idle':>8} {'N*local/span':>12}"]
+             f"{'nccl only':>9} {'other only':>10} {'idle':>8} {'N*local/span':>12} {'nccl CTAs':>9}"]
     for rank, local, ring in results:
         ideal = world * local["attention_us"]
         lines.append(f"{rank:>4} {local['attention_us'] / 1e3:10.3f} {ring['span_us'] / 1e3:8.3f} "
                      f"{ring['attention_us'] / 1e3:8.3f} {(ring['attention_us'] - ideal) / 1e3:12.3f} "
                      f"{ring['nccl_us'] / 1e3:8.3f} {ring['nccl_only_us'] / 1e3:9.3f} "
                      f"{ring['other_only_us'] / 1e3:10.3f} {ring['idle_us'] / 1e3:8.3f} "
-                     f"{ideal / ring['span_us']:12.3f}")
+                     f"{ideal / ring['span_us']:12.3f} {ring['nccl_ctas'] or '-':>9}")
     return "\n".join(lines)
 
 

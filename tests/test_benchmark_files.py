@@ -29,8 +29,8 @@ ADD = "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor
 def test_trace_breakdown_splits_an_iteration_by_what_runs():
     # attention 0-10 and 12-20 (20-22 on a second stream overlaps the first), NCCL 5-15, an add
     # 25-30, nothing 22-25 and 30-31, one more NCCL kernel 31-32.
-    kernels = [(ATTENTION, 0, 10), (ATTENTION, 12, 20), (ATTENTION, 19, 22), (NCCL, 5, 15), (ADD, 25, 30),
-               (NCCL, 31, 32)]
+    kernels = [(ATTENTION, 0, 10, 2048), (ATTENTION, 12, 20, 2048), (ATTENTION, 19, 22, 2048), (NCCL, 5, 15, 4),
+               (ADD, 25, 30, 512), (NCCL, 31, 32, None)]
     b = trace_ring.iteration_breakdown(kernels)
     assert b["span_us"] == 32
     assert b["attention_us"] == 20  # 0-10, 12-22
@@ -40,7 +40,16 @@ def test_trace_breakdown_splits_an_iteration_by_what_runs():
     assert b["idle_us"] == 32 - 20 - 3 - 5
     assert b["attention_during_nccl_us"] == 8  # 5-10 and 12-15
     assert b["attention_kernels"] == 3
+    assert b["nccl_ctas"] == 4  # the largest NCCL grid; other kernels' grids do not count
     assert trace_ring.iteration_breakdown([]) is None
+    assert trace_ring.iteration_breakdown([(ATTENTION, 0, 10, 2048)])["nccl_ctas"] is None
+
+
+def test_trace_median_skips_iterations_without_a_value():
+    rows = [{"span_us": 10, "nccl_ctas": None}, {"span_us": 30, "nccl_ctas": 4}, {"span_us": 20, "nccl_ctas": 8},
+            None]
+    assert trace_ring.median_breakdown(rows) == {"span_us": 20, "nccl_ctas": 6}
+    assert trace_ring.median_breakdown([{"nccl_ctas": None}]) == {"nccl_ctas": None}
 
 
 def test_trace_counts_our_forward_and_backward_kernels_as_attention():
@@ -55,9 +64,9 @@ def test_trace_kernels_go_to_the_iteration_window_they_start_in():
         {"cat": "user_annotation", "name": "ring_iteration_1", "ts": 200.0, "dur": 50.0},
         {"cat": "user_annotation", "name": "local_iteration_0", "ts": 0.0, "dur": 500.0},
         {"cat": "kernel", "name": ATTENTION, "ts": 110.0, "dur": 30.0},
-        {"cat": "kernel", "name": NCCL, "ts": 210.0, "dur": 5.0},
+        {"cat": "kernel", "name": NCCL, "ts": 210.0, "dur": 5.0, "args": {"grid": [2, 1, 1], "block": [640, 1, 1]}},
         {"cat": "kernel", "name": ADD, "ts": 260.0, "dur": 5.0},  # outside both windows
         {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 105.0, "dur": 1.0},
     ]
     assert trace_ring.kernels_by_iteration(events, "ring_iteration_") == {
-        0: [(ATTENTION, 110.0, 140.0)], 1: [(NCCL, 210.0, 215.0)]}
+        0: [(ATTENTION, 110.0, 140.0, None)], 1: [(NCCL, 210.0, 215.0, 2)]}
