@@ -295,29 +295,40 @@ def test_loopback_ring_forward_rows_without_keys(world_size, layout, band_kind):
                            f"{layout} n{world_size} band {band}")
 
 
-def random_plan(rng, world_size, seqlen_local):
+def random_steps(rng, world_size, seqlen_local, draw_piece):
     """A random plan and the (s, world_size * s) mask of the (query, key) pairs it computes, the
-    keys of step i in columns [i * s, (i + 1) * s). Per step: the block cut into disjoint key
-    ranges (some empty), each with a random query range (some empty; overlapping the other
-    pieces' of the step) and band (some empty), in random order; some steps have no piece."""
+    keys of step i in columns [i * s, (i + 1) * s). Per step (some have no piece): the rows
+    [0, seqlen_local) cut into disjoint segments (some empty), each made into one piece by
+    draw_piece(rng, start, stop) -> (q_start, q_stop, k_start, k_stop, band), in random order.
+    A generator whose pieces keep the segment on one side (keys or queries) never puts a
+    (query, key) pair in two pieces."""
     steps, mask = [], torch.zeros(seqlen_local, world_size * seqlen_local, dtype=torch.bool)
     for step in range(world_size):
         pieces = []
         if rng.random() < 0.8:
             cuts = sorted(rng.randint(0, seqlen_local) for _ in range(rng.randint(1, 3)))
             edges = [0] + cuts + [seqlen_local]
-            for k_start, k_stop in zip(edges[:-1], edges[1:]):
-                q_start = rng.randint(0, seqlen_local)
-                q_stop = rng.randint(q_start, seqlen_local)
-                low = rng.randint(-60, 60)
-                band = rng.choice([(None, None), (None, low), (low, None), (low, low + rng.randint(0, 40)),
-                                   (low, low - 1)])
+            for start, stop in zip(edges[:-1], edges[1:]):
+                q_start, q_stop, k_start, k_stop, band = draw_piece(rng, start, stop)
                 pieces.append((q_start, q_stop - q_start, k_start, k_stop - k_start, *band))
                 columns = slice(step * seqlen_local + k_start, step * seqlen_local + k_stop)
                 mask[q_start:q_stop, columns] = visible_mask(q_stop - q_start, k_stop - k_start, *band, "cpu")
         rng.shuffle(pieces)
         steps.append(pieces)
     return steps, mask
+
+
+def random_plan(rng, world_size, seqlen_local):
+    """random_steps with the block cut into disjoint key ranges, each with a random query range
+    (some empty; overlapping the other pieces' of the step) and band (some empty)."""
+    def draw_piece(rng, k_start, k_stop):
+        q_start = rng.randint(0, seqlen_local)
+        q_stop = rng.randint(q_start, seqlen_local)
+        low = rng.randint(-60, 60)
+        band = rng.choice([(None, None), (None, low), (low, None), (low, low + rng.randint(0, 40)), (low, low - 1)])
+        return q_start, q_stop, k_start, k_stop, band
+
+    return random_steps(rng, world_size, seqlen_local, draw_piece)
 
 
 @requires_cuda_extension
@@ -348,26 +359,16 @@ def test_loopback_ring_forward_random_plans(world_size, seed):
 
 
 def random_backward_plan(rng, world_size, seqlen_local):
-    """(plan, mask) like random_plan, but each piece has query rows of its own and any key range, so
-    a step's key ranges overlap (wholly or in part), leave gaps, or lie apart, without a (query,
-    key) pair computed twice: what the backward's choice between writing and adding dK/dV must
-    get right."""
-    steps, mask = [], torch.zeros(seqlen_local, world_size * seqlen_local, dtype=torch.bool)
-    for step in range(world_size):
-        pieces = []
-        if rng.random() < 0.8:
-            cuts = sorted(rng.randint(0, seqlen_local) for _ in range(rng.randint(1, 3)))
-            edges = [0] + cuts + [seqlen_local]
-            for q_start, q_stop in zip(edges[:-1], edges[1:]):
-                k_start = rng.randint(0, seqlen_local - 1)
-                k_stop = rng.randint(k_start + 1, seqlen_local)
-                band = rng.choice([(None, None), (None, rng.randint(-20, 60)), (rng.randint(-60, 20), None)])
-                pieces.append((q_start, q_stop - q_start, k_start, k_stop - k_start, *band))
-                columns = slice(step * seqlen_local + k_start, step * seqlen_local + k_stop)
-                mask[q_start:q_stop, columns] = visible_mask(q_stop - q_start, k_stop - k_start, *band, "cpu")
-        rng.shuffle(pieces)
-        steps.append(pieces)
-    return steps, mask
+    """random_steps with the shard's query rows cut into disjoint ranges, each with any non-empty
+    key range, so a step's key ranges overlap (wholly or in part), leave gaps, or lie apart: what
+    the backward's choice between writing and adding dK/dV must get right."""
+    def draw_piece(rng, q_start, q_stop):
+        k_start = rng.randint(0, seqlen_local - 1)
+        k_stop = rng.randint(k_start + 1, seqlen_local)
+        band = rng.choice([(None, None), (None, rng.randint(-20, 60)), (rng.randint(-60, 20), None)])
+        return q_start, q_stop, k_start, k_stop, band
+
+    return random_steps(rng, world_size, seqlen_local, draw_piece)
 
 
 def masked_attention_for_autograd(q, k, v, scale, mask, upcast):
