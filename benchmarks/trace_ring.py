@@ -108,8 +108,9 @@ def iteration_breakdown(kernels):
     by_kind = {"attention": [], "nccl": [], "other": []}
     nccl_grids = []
     for name, start, end, ctas in kernels:
-        by_kind[kind_of(name)].append((start, end))
-        if kind_of(name) == "nccl" and ctas is not None:
+        kind = kind_of(name)
+        by_kind[kind].append((start, end))
+        if kind == "nccl" and ctas is not None:
             nccl_grids.append(ctas)
     span = max(end for _, _, end, _ in kernels) - min(start for _, start, _, _ in kernels)
     attention, nccl, other = (by_kind[k] for k in ("attention", "nccl", "other"))
