@@ -359,12 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout,
     // dq sums over key blocks (fp32 atomics or TMA reductions); the delta kernel zero-fills the
     // accumulator in the same pass that computes delta.
     at::Tensor dq_accum = at::empty(q.sizes(), fp32);
-    at::Tensor delta = at::empty({d.batch, d.heads, d.seqlen_q}, fp32);
+    const at::Tensor delta = flash_bwd_delta(dout, out, dq_accum);
     BwdParams p = make_bwd_params(dout, q, k, v, lse, delta, d, softmax_scale, band);
     set_dq_accum(p, dq_accum);
-    set_delta_inputs(p, dout, out, delta);
-    launch_bwd_delta(p, to_dtype(q, "q"), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     if (d.heads == d.heads_kv) {
         // Each dK/dV tile has one owner CTA, which writes it in the input dtype: no fp32 buffers.
