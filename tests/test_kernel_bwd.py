@@ -21,7 +21,7 @@ _C.fwd first. Every case draws fresh random inputs and checks
     zero-filled by the delta kernel: the poisoned allocator makes any element they miss show as NaN;
     empty sequences give zero gradients.
 Shapes cover seqlens 1, 17, 127, 1000, 2049, s_q < s_k and s_q > s_k, batch > 1, GQA ratios 1, 4
-and 8, strided inputs (slices of packed tensors), and bands: full, bottom-right causal, a window,
+and 8, shapes that select each of the banded kernels' CTA orders, strided inputs (slices of packed tensors), and bands: full, bottom-right causal, a window,
 causal without the diagonal, an offset band that skips query blocks on both sides, and an empty band.
 """
 import functools
@@ -131,6 +131,11 @@ class Reference:
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bwd_matches_autograd(dtype, head_dim, band_kind, shape):
+    check_bwd_against_autograd(dtype, head_dim, band_kind, shape)
+
+
+def check_bwd_against_autograd(dtype, head_dim, band_kind, shape):
+    """_C.bwd on fresh random inputs of `shape` against the reference, output memory poisoned."""
     skip_unless_backward_built(head_dim, dtype)
     batch, seqlen_q, seqlen_k, heads, heads_kv = shape
     q, k, v, dout = random_inputs(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype)
@@ -143,6 +148,26 @@ def test_bwd_matches_autograd(dtype, head_dim, band_kind, shape):
     for grad, like in zip(grads, (q, k, v)):
         assert grad.dtype == like.dtype and grad.shape == like.shape
     ref.check(grads, f"{band_kind} {shape}")
+
+
+# Banded kernels start their CTAs in one of three orders (csrc/flash/bwd_cta_order.h), chosen from
+# the shape; on a GPU with 128 to 135 SMs (H100, H200) these shapes select, in turn: one head across
+# the batch, one batch entry across the heads, the plain order (one pair; and batch and heads both
+# above the SMs / 8 group limit).
+CTA_ORDER_SHAPES = [
+    (3, 300, 300, 2, 2),
+    (1, 300, 300, 5, 5),
+    (1, 600, 600, 1, 1),
+    (17, 200, 200, 17, 17),
+]
+
+
+@pytest.mark.parametrize("shape", CTA_ORDER_SHAPES, ids=lambda s: "b{}_sq{}_sk{}_h{}_hkv{}".format(*s))
+@pytest.mark.parametrize("band_kind", ("causal", "window"))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bwd_cta_orders(dtype, head_dim, band_kind, shape):
+    check_bwd_against_autograd(dtype, head_dim, band_kind, shape)
 
 
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))

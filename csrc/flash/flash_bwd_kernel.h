@@ -1,4 +1,5 @@
-// FlashAttention-2-style backward ("seqk-parallel"): one CTA per (key block, batch, query head).
+// FlashAttention-2-style backward ("seqk-parallel"): one CTA per (key block, batch, query head),
+// started in the order bwd_cta_order.h chooses.
 // The CTA keeps its K and V tile in shared memory and walks the query blocks that the mask band lets
 // see any of its keys, from the last to the first. For each query block it recomputes the
 // probabilities from the saved log-sum-exp, accumulates dK and dV in registers, and adds its share of
@@ -21,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bwd_cta_order.h"
 #include "bwd_traits.h"
 #include "bwd_utils.h"
 #include "dq_tensor_map.h"
@@ -28,23 +30,6 @@
 
 namespace ring_attn {
 namespace bwd {
-
-// Queries [begin, end) that see at least one key of [key_begin, key_end). Key j is visible to query
-// i iff key_offset_min <= j - i <= key_offset_max; the host clamps both offsets into
-// [-seqlen_q, seqlen_k], so nothing here overflows.
-struct QueryRange {
-    int begin, end;
-};
-
-template <bool kIsMasked>
-__device__ __forceinline__ QueryRange visible_queries(const BwdParams& params, int key_begin, int key_end) {
-    QueryRange range{0, params.seqlen_q};
-    if constexpr (kIsMasked) {
-        range.begin = max(0, key_begin - params.mask.key_offset_max);
-        range.end = min(params.seqlen_q, key_end - params.mask.key_offset_min);
-    }
-    return range;
-}
 
 // True when every (query, key) pair of the tile lies inside the band, so no element needs masking.
 __device__ __forceinline__ bool tile_inside_band(const MaskBand& band, int query_begin, int key_begin, int rows,
@@ -124,7 +109,8 @@ __device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, cons
 // kStageDq: dQ leaves through the staging tile and the TMA (needs Traits::kStageDq, which sizes
 // shared memory for it); otherwise through atomics.
 template <typename Traits, bool kIsMasked, bool kKeysTail, bool kStageDq>
-__device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw) {
+__device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw,
+                                                 const CtaTile& tile) {
     using namespace cute;
     using Element = typename Traits::Element;
     constexpr int kBlockM = Traits::kBlockM;
@@ -137,9 +123,9 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     static_assert(!kStageDq || Traits::kStageDq, "staging dQ needs the traits' shared-memory tile");
 
     const int tid = threadIdx.x;
-    const int n_block = blockIdx.x;
-    const int batch = blockIdx.y;
-    const int head = blockIdx.z;
+    const int n_block = tile.n_block;
+    const int batch = tile.batch;
+    const int head = tile.head;
     const int head_kv = head / (params.heads / params.heads_kv);
     const int key_begin = n_block * kBlockN;
     const int keys_in_block = min(kBlockN, params.seqlen_k - key_begin);
@@ -509,14 +495,15 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
 // got wrong dQ, dK and dV, and compute-sanitizer's racecheck showed one lane's ldmatrix of dS
 // reading past the dS tile into the staging tile. The cause was not found in the source (the
 // interior copy and the d128 build, staged the same way, are correct and race-free).
-template <typename Traits, bool kIsMasked>
+template <typename Traits, bool kIsMasked, CtaOrder kOrder>
 __device__ __forceinline__ void compute_key_block(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw) {
+    const CtaTile tile = cta_tile<kOrder>();
     if constexpr (kIsMasked) {
-        compute_dq_dk_dv<Traits, true, true, Traits::kStageDq>(params, dq_map, smem_raw);
-    } else if ((int(blockIdx.x) + 1) * Traits::kBlockN <= params.seqlen_k) {
-        compute_dq_dk_dv<Traits, false, false, Traits::kStageDq>(params, dq_map, smem_raw);
+        compute_dq_dk_dv<Traits, true, true, Traits::kStageDq>(params, dq_map, smem_raw, tile);
+    } else if ((tile.n_block + 1) * Traits::kBlockN <= params.seqlen_k) {
+        compute_dq_dk_dv<Traits, false, false, Traits::kStageDq>(params, dq_map, smem_raw, tile);
     } else {
-        compute_dq_dk_dv<Traits, false, true, false>(params, dq_map, smem_raw);
+        compute_dq_dk_dv<Traits, false, true, false>(params, dq_map, smem_raw, tile);
     }
 }
 
@@ -524,16 +511,16 @@ __device__ __forceinline__ void compute_key_block(const BwdParams& params, const
 
 // The Hopper build (sm_90a) and the Ampere build (sm_80) may use different traits (e.g. fewer
 // shared-memory stages where the SM has less shared memory); the launcher sizes shared memory for
-// the one the running device executes.
-template <typename TraitsSm90, typename TraitsSm80, bool kIsMasked>
+// the one the running device executes. kOrder: how the grid maps to tiles (bwd_cta_order.h).
+template <typename TraitsSm90, typename TraitsSm80, bool kIsMasked, bwd::CtaOrder kOrder>
 __global__ void __launch_bounds__(TraitsSm90::kThreads, 1) flash_bwd_kernel(const __grid_constant__ BwdParams params,
                                                                        const __grid_constant__ CUtensorMap dq_map) {
     static_assert(TraitsSm90::kThreads == TraitsSm80::kThreads && TraitsSm90::kBlockN == TraitsSm80::kBlockN);
     extern __shared__ __align__(128) char smem[];  // 128: TMA boxes
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    bwd::compute_key_block<TraitsSm90, kIsMasked>(params, dq_map, smem);
+    bwd::compute_key_block<TraitsSm90, kIsMasked, kOrder>(params, dq_map, smem);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    bwd::compute_key_block<TraitsSm80, kIsMasked>(params, dq_map, smem);
+    bwd::compute_key_block<TraitsSm80, kIsMasked, kOrder>(params, dq_map, smem);
 #endif
 }
 

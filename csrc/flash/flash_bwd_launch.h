@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bwd_cta_order.h"
 #include "bwd_traits.h"
 #include "dq_tensor_map.h"
 #include "flash_bwd_kernel.h"
@@ -76,8 +77,10 @@ void launch_flash_bwd(const BwdParams& params, cudaStream_t stream) {
     using Sm90 = typename Config::Sm90;
     using Sm80 = typename Config::Sm80;
 
-    int device = 0, major = 0, max_smem = 0;
+    int device = 0, major = 0, max_smem = 0, num_sms = 0;
     bwd::check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    bwd::check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device),
+                    "cudaDeviceGetAttribute(multiprocessor count)");
     bwd::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
                     "cudaDeviceGetAttribute(compute capability)");
     bwd::check_cuda(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
@@ -90,15 +93,28 @@ void launch_flash_bwd(const BwdParams& params, cudaStream_t stream) {
                                  std::to_string(smem_bytes) + " bytes of shared memory per block; this GPU allows " +
                                  std::to_string(max_smem));
     }
-    auto kernel = &flash_bwd_kernel<Sm90, Sm80, kIsMasked>;
-    bwd::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
-                    "cudaFuncSetAttribute(max dynamic shared memory)");
     // The Hopper kernel adds dQ through the TMA when its traits stage dQ; otherwise the descriptor
     // stays unused (zeros).
     CUtensorMap dq_map{};
     if (major >= 9 && Sm90::kStageDq) dq_map = make_dq_tensor_map(params, Sm90::kBlockM);
-    const dim3 grid((params.seqlen_k + Sm90::kBlockN - 1) / Sm90::kBlockN, params.batch, params.heads);
-    kernel<<<grid, Sm90::kThreads, smem_bytes, stream>>>(params, dq_map);
+    const bwd::CtaOrder order = bwd::choose_cta_order<Sm90::kBlockN, kIsMasked>(params, num_sms);
+    const dim3 grid = bwd::cta_grid<Sm90::kBlockN>(order, params);
+    auto launch = [&](auto kernel) {
+        bwd::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+                        "cudaFuncSetAttribute(max dynamic shared memory)");
+        kernel<<<grid, Sm90::kThreads, smem_bytes, stream>>>(params, dq_map);
+    };
+    // Only banded kernels are instantiated in the key-block-major orders (the others never use them).
+    using bwd::CtaOrder;
+    if constexpr (kIsMasked) {
+        if (order == CtaOrder::kBatchesByKeyBlock) {
+            return launch(&flash_bwd_kernel<Sm90, Sm80, true, CtaOrder::kBatchesByKeyBlock>);
+        }
+        if (order == CtaOrder::kHeadsByKeyBlock) {
+            return launch(&flash_bwd_kernel<Sm90, Sm80, true, CtaOrder::kHeadsByKeyBlock>);
+        }
+    }
+    launch(&flash_bwd_kernel<Sm90, Sm80, kIsMasked, CtaOrder::kPlain>);
 }
 
 }  // namespace ring_attn
