@@ -21,8 +21,10 @@ _C.fwd first. Every case draws fresh random inputs and checks
     zero-filled by the delta kernel: the poisoned allocator makes any element they miss show as NaN;
     empty sequences give zero gradients.
 Shapes cover seqlens 1, 17, 127, 1000, 2049, s_q < s_k and s_q > s_k, batch > 1, GQA ratios 1, 4
-and 8, shapes that select each of the banded kernels' CTA orders, strided inputs (slices of packed tensors), and bands: full, bottom-right causal, a window,
-causal without the diagonal, an offset band that skips query blocks on both sides, and an empty band.
+and 8, shapes that select each of the banded kernels' CTA orders, strided inputs (slices of packed
+tensors), and bands: full, bottom-right causal, a narrow window, a wide one (masked and unmasked
+blocks in one walk), causal without the diagonal, an offset band that skips query blocks on both
+sides, and an empty band.
 """
 import functools
 import math

@@ -9,8 +9,9 @@ Every case draws fresh random inputs and checks
     band shifted to chunk-local positions, in a shuffled order, equals attention over all keys; an
     accumulator without 8-byte aligned rows is refused.
 Shapes cover seqlens 1, 17, 127, 1000, 4097, s_q < s_k and s_q > s_k, batch > 1, GQA ratios 1, 4
-and 8, strided inputs (slices of packed tensors), and bands: full, bottom-right causal, a window,
-causal without the diagonal, an offset band that skips key blocks on both sides, and an empty band.
+and 8, strided inputs (slices of packed tensors), and bands: full, bottom-right causal, a narrow
+window, a wide one (masked and unmasked blocks in one walk), causal without the diagonal, an offset
+band that skips key blocks on both sides, and an empty band.
 """
 import math
 import random

@@ -1,10 +1,11 @@
 // FlashAttention-2-style backward ("seqk-parallel"): one CTA per (key block, batch, query head),
 // started in the order bwd_cta_order.h chooses.
 // The CTA keeps its K and V tile in shared memory and walks the query blocks that the mask band lets
-// see any of its keys, from the last to the first. For each query block it recomputes the
-// probabilities from the saved log-sum-exp, accumulates dK and dV in registers, and adds its share of
-// dQ into the caller's fp32 dq_accum: with fp32 atomics, or (Traits::kStageDq, Hopper) through a
-// shared-memory tile and TMA bulk reductions. At the end it adds dK and dV into the caller's fp32
+// see any of its keys, from the last to the first (banded kernels: in three loops, so that blocks
+// which need per-element masking run apart from those that do not). For each query block it
+// recomputes the probabilities from the saved log-sum-exp, accumulates dK and dV in registers, and
+// adds its share of dQ into the caller's fp32 dq_accum: with fp32 atomics, or (Traits::kStageDq,
+// Hopper) through a shared-memory tile and TMA bulk reductions. At the end it adds dK and dV into the caller's fp32
 // dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA), or, without
 // GQA, writes them: in fp32 over dk_accum / dv_accum (dkv_overwrite, a ring step's first call on
 // those key rows) or, for a plain backward, in the input dtype to dk_out / dv_out.
@@ -27,16 +28,10 @@
 #include "bwd_utils.h"
 #include "dq_tensor_map.h"
 #include "flash_params.h"
+#include "mask.h"
 
 namespace ring_attn {
 namespace bwd {
-
-// True when every (query, key) pair of the tile lies inside the band, so no element needs masking.
-__device__ __forceinline__ bool tile_inside_band(const MaskBand& band, int query_begin, int key_begin, int rows,
-                                                 int cols) {
-    return key_begin - (query_begin + rows - 1) >= band.key_offset_min &&
-           key_begin + cols - 1 - query_begin <= band.key_offset_max;
-}
 
 // Copies a tile's rows from global to shared memory with cp.async; rows at or past `rows` are
 // zero-filled instead (they would otherwise hold stale data that turns 0 * x into NaN), or, without
@@ -105,7 +100,7 @@ __device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, cons
 }
 
 // kKeysTail: the key block may end past seqlen_k, so P needs its columns masked (kIsMasked kernels
-// always pass true: their band mask covers the tail in the same branch).
+// pass true and test the block's width themselves: a key tail masks every block of their walk).
 // kStageDq: dQ leaves through the staging tile and the TMA (needs Traits::kStageDq, which sizes
 // shared memory for it); otherwise through atomics.
 template <typename Traits, bool kIsMasked, bool kKeysTail, bool kStageDq>
@@ -263,11 +258,11 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     clear(acc_dv);
 
     // Prologue: this CTA's K and V, then the first (last in order) query block.
-    int m_block = m_block_last;
     load_rows(gmem_copy, tKgK, tKsK, tKcK, keys_in_block);
     load_rows(gmem_copy, tVgV, tVsV, tKcK, keys_in_block);
-    load_rows(gmem_copy, tQgQ(_, _, _, m_block), tQsQ(_, _, _, 0), tQcQ, params.seqlen_q - m_block * kBlockM);
-    load_rows(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO(_, _, _, 0), tQcQ, params.seqlen_q - m_block * kBlockM);
+    const int first_rows = params.seqlen_q - m_block_last * kBlockM;
+    load_rows(gmem_copy, tQgQ(_, _, _, m_block_last), tQsQ(_, _, _, 0), tQcQ, first_rows);
+    load_rows(gmem_copy, tdOgdO(_, _, _, m_block_last), tdOsdO(_, _, _, 0), tQcQ, first_rows);
     cute::cp_async_fence();
 
     // V in registers (Traits::kVInRegs): once K/V and the first query block have landed.
@@ -279,10 +274,12 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
 
     const float scale = params.softmax_scale;
     const float scale_log2 = params.softmax_scale_log2;
-    const bool keys_tail = kKeysTail && keys_in_block < kBlockN;
     int stage = 0;
 
-    for (; m_block >= m_block_first; --m_block) {
+    // One query block: dV, dK and this block's dQ share. mask_step (a std::bool_constant): whether
+    // P needs per-element masking (key tail, band edges); the loops below know it per block.
+    // always_inline: out of line, the register fragments it captures would live in local memory.
+    auto process_query_block = [&](auto mask_step, int m_block) __attribute__((always_inline)) {
         const int query_begin = m_block * kBlockM;
         const int rows_in_block = min(kBlockM, params.seqlen_q - query_begin);
 
@@ -328,9 +325,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
             CUTE_UNROLL
             for (int c = 0; c < size<1>(p); ++c) p(r, c) = exp2f(p(r, c) * scale_log2 - lse_log2[r]);
         }
-        const bool needs_mask = keys_tail || (kIsMasked && !tile_inside_band(params.mask, query_begin, key_begin,
-                                                                               kBlockM, kBlockN));
-        if (needs_mask) {
+        if constexpr (decltype(mask_step)::value) {
             CUTE_UNROLL
             for (int r = 0; r < kRows; ++r) {
                 const int row = query_begin + get<0>(tScS_rc(r, 0));
@@ -418,6 +413,28 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         } else {
             stage ^= 1;
         }
+    };
+
+    int m_block = m_block_last;
+    if constexpr (!kIsMasked) {
+        // Without a band, a key tail masks every block and an interior key block none.
+        CUTE_NO_UNROLL
+        for (; m_block >= m_block_first; --m_block) process_query_block(cute::bool_constant<kKeysTail>{}, m_block);
+    } else {
+        // The blocks that need masking sit at the two ends of the walk (the band's lower edge, i.e. a
+        // window, cuts high query blocks; its upper edge, i.e. a causal diagonal, low ones; a key
+        // tail cuts all), so it runs in three loops as the forward does: the hot middle one carries
+        // neither mask code nor a branch around it.
+        const flash::BlockRange unmasked =
+            keys_in_block < kBlockN ? flash::BlockRange{m_block_first, m_block_first}
+                                    : flash::unmasked_query_blocks<kBlockM, kBlockN, true>(
+                                          key_begin, params.mask, {m_block_first, m_block_last + 1});
+        CUTE_NO_UNROLL
+        for (; m_block >= unmasked.end; --m_block) process_query_block(cute::true_type{}, m_block);
+        CUTE_NO_UNROLL
+        for (; m_block >= unmasked.begin; --m_block) process_query_block(cute::false_type{}, m_block);
+        CUTE_NO_UNROLL
+        for (; m_block >= m_block_first; --m_block) process_query_block(cute::true_type{}, m_block);
     }
 
     if constexpr (kStageDq) {
