@@ -1,14 +1,15 @@
-"""Instruction counts of a kernel's main loop, read from compiled SASS: a way to compare how ptxas
+"""Instruction counts of a kernel's main loops, read from compiled SASS: a way to compare how ptxas
 allocated registers in two variants of a kernel without a GPU.
 
     python3 scripts/sass_loop_stats.py build/temp.*/csrc/flash/instantiations/flash_bwd_hdim128_fp16_masked.o
 
-For every kernel in the object (or shared library) whose name contains --kernel, it finds the
-largest loop (the longest backward branch) and prints its instruction count and opcode histogram,
-twice: for the whole loop and for its hot path, which leaves out the regions that a forward branch
-inside the loop jumps over and that look rarely taken: a TMA issue block (one thread per CTA) or
-a masking block (mostly integer compares). Local loads (LDL) inside the hot path are spills that
-every iteration pays for.
+For every kernel in the object (or shared library) whose name contains --kernel, it finds the loops
+(backward branches) of at least --min-length instructions (a banded backward kernel has three:
+masked query blocks, unmasked ones, masked ones) and prints, for each in address order, its
+instruction count and opcode histogram twice: for the whole loop and for its hot path, which leaves
+out the regions that a forward branch inside the loop jumps over and that look rarely taken: a TMA
+issue block (one thread per CTA) or a masking block (mostly integer compares). Local loads (LDL)
+inside the hot path are spills that every iteration pays for.
 
 Build the objects with `RING_ATTN_HEAD_DIMS=128 python3 setup.py build_ext --inplace` (add
 NVCC_APPEND_FLAGS="-Xptxas -v" to see ptxas's register and spill counts in the build log). SASS
@@ -65,18 +66,22 @@ def region_kind(texts):
     return None
 
 
-def loop_stats(instructions):
-    """(loop length, whole-loop Counter, hot-path Counter, [(kind, length), ...]) of the largest loop,
-    or None when the kernel has no loop."""
+def main_loops(instructions, min_length=200):
+    """[(loop length, whole-loop Counter, hot-path Counter, [(kind, length), ...]), ...] of every loop
+    of at least min_length instructions, in address order."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
     loops = []
     for i, (address, text) in enumerate(instructions):
         match = BRANCH_TARGET.search(text)
         if match and int(match.group(1), 16) < address and int(match.group(1), 16) in index:
-            loops.append((index[int(match.group(1), 16)], i))
-    if not loops:
-        return None
-    first, last = max(loops, key=lambda loop: loop[1] - loop[0])
+            first = index[int(match.group(1), 16)]
+            if i - first + 1 >= min_length:
+                loops.append(loop_stats(instructions, index, first, i))
+    return loops
+
+
+def loop_stats(instructions, index, first, last):
+    """(length, whole-loop Counter, hot-path Counter, regions) of the loop from first to last."""
     skipped, regions = set(), []
     for i in range(first, last):
         match = BRANCH_TARGET.search(instructions[i][1])
@@ -100,6 +105,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("objects", nargs="+", help=".o or .so files with sm_90a (or other) SASS")
     parser.add_argument("--kernel", default="", help="only kernels whose (mangled) name contains this")
+    parser.add_argument("--min-length", type=int, default=200, help="shortest loop shown, in instructions")
     args = parser.parse_args(argv)
     cuobjdump = find_cuobjdump()
     for path in args.objects:
@@ -107,16 +113,15 @@ def main(argv=None):
         for name, instructions in parse_kernels(sass).items():
             if args.kernel not in name:
                 continue
-            stats = loop_stats(instructions)
             print(f"{path}: {name}")
-            if stats is None:
-                print(f"  {len(instructions)} instructions, no loop")
-                continue
-            length, whole, hot, regions = stats
-            print(f"  loop {length} instructions: {format_counter(whole)}")
-            for kind, size in regions:
-                print(f"  off the hot path: {kind} region, {size} instructions")
-            print(f"  hot path {sum(hot.values())} instructions: {format_counter(hot)}")
+            loops = main_loops(instructions, args.min_length)
+            if not loops:
+                print(f"  {len(instructions)} instructions, no loop of {args.min_length} or more")
+            for number, (length, whole, hot, regions) in enumerate(loops, 1):
+                print(f"  loop {number}: {length} instructions: {format_counter(whole)}")
+                for kind, size in regions:
+                    print(f"    off the hot path: {kind} region, {size} instructions")
+                print(f"    hot path {sum(hot.values())} instructions: {format_counter(hot)}")
 
 
 if __name__ == "__main__":

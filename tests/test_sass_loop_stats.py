@@ -1,6 +1,6 @@
-"""scripts/sass_loop_stats.py's reading of SASS text (CPU only): the main loop is the longest backward
-branch, and the hot path leaves out the TMA and masking regions that forward branches skip, but not
-other skipped code."""
+"""scripts/sass_loop_stats.py's reading of SASS text (CPU only): the main loops are the backward
+branches of at least a minimum length, in address order, and a hot path leaves out the TMA and
+masking regions that forward branches skip, but not other skipped code."""
 import os
 import sys
 
@@ -36,7 +36,7 @@ def test_hot_path_leaves_out_tma_and_mask_regions_only():
              "@P4 BRA top",
              "EXIT"]
     kernels = sass_loop_stats.parse_kernels(sass_function("_Z6kernelv", lines))
-    length, whole, hot, regions = sass_loop_stats.loop_stats(kernels["_Z6kernelv"])
+    [(length, whole, hot, regions)] = sass_loop_stats.main_loops(kernels["_Z6kernelv"])
     assert length == len(lines) - 2  # from "top" through the backward branch
     assert regions == [("tma", 70), ("mask", 70)]
     assert hot["UTMAREDG"] == 0 and hot["ISETP"] == 0 and whole["ISETP"] == 35
@@ -45,6 +45,17 @@ def test_hot_path_leaves_out_tma_and_mask_regions_only():
     assert sum(hot.values()) == length - 140
 
 
+def test_every_long_loop_in_address_order_short_ones_left_out():
+    lines = (["first: FFMA R1, R2, R3, R1"] + ["FFMA R1, R2, R3, R1"] * 249 + ["@P0 BRA first"] +
+             ["short: IADD3 R4, R4, 0x1, RZ"] + ["IADD3 R4, R4, 0x1, RZ"] * 9 + ["@P1 BRA short"] +
+             ["second: HMMA.16816.F32 R4, R8, R12, R4"] + ["HMMA.16816.F32 R4, R8, R12, R4"] * 299 +
+             ["@P2 BRA second", "EXIT"])
+    kernels = sass_loop_stats.parse_kernels(sass_function("_Z5threev", lines))
+    loops = sass_loop_stats.main_loops(kernels["_Z5threev"], min_length=200)
+    assert [(length, hot["FFMA"], hot["HMMA"]) for length, _, hot, _ in loops] == [(251, 250, 0), (301, 0, 300)]
+    assert len(sass_loop_stats.main_loops(kernels["_Z5threev"], min_length=5)) == 3
+
+
 def test_kernel_without_loop():
     kernels = sass_loop_stats.parse_kernels(sass_function("_Z4flatv", ["MOV R1, R2", "EXIT"]))
-    assert sass_loop_stats.loop_stats(kernels["_Z4flatv"]) is None
+    assert sass_loop_stats.main_loops(kernels["_Z4flatv"]) == []
