@@ -5,10 +5,10 @@
 // which need per-element masking run apart from those that do not). For each query block it
 // recomputes the probabilities from the saved log-sum-exp, accumulates dK and dV in registers, and
 // adds its share of dQ into the caller's fp32 dq_accum: with fp32 atomics, or (Traits::kStageDq,
-// Hopper) through a shared-memory tile and TMA bulk reductions. At the end it adds dK and dV into the caller's fp32
-// dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA), or, without
-// GQA, writes them: in fp32 over dk_accum / dv_accum (dkv_overwrite, a ring step's first call on
-// those key rows) or, for a plain backward, in the input dtype to dk_out / dv_out.
+// Hopper) through a shared-memory tile and TMA bulk reductions. At the end it adds dK and dV into the
+// caller's fp32 dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA),
+// or, without GQA, writes them: in fp32 over dk_accum / dv_accum (dkv_overwrite, a ring step's first
+// call on those key rows) or, for a plain backward, in the input dtype to dk_out / dv_out.
 //
 // Math, with S the unscaled scores and scale = softmax_scale:
 //   P  = exp(scale * S - lse) = exp2(S * scale * log2(e) - lse * log2(e))
@@ -427,7 +427,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         // neither mask code nor a branch around it.
         const flash::BlockRange unmasked =
             keys_in_block < kBlockN ? flash::BlockRange{m_block_first, m_block_first}
-                                    : flash::unmasked_query_blocks<kBlockM, kBlockN, true>(
+                                    : flash::unmasked_query_blocks<kBlockM, kBlockN>(
                                           key_begin, params.mask, {m_block_first, m_block_last + 1});
         CUTE_NO_UNROLL
         for (; m_block >= unmasked.end; --m_block) process_query_block(cute::true_type{}, m_block);

@@ -63,24 +63,21 @@ CUTE_HOST_DEVICE BlockRange unmasked_key_blocks(int row0, int seqlen_k, MaskBand
 
 // The backward's question, for a key block instead of a query block: the query blocks of `blocks`
 // whose (kBlockM x kBlockN) tile with keys [key_begin, key_begin + kBlockN) needs no per-element
-// mask (the caller handles a key tail, which masks every block). Row i of the tile is clear iff it
-// sees the block's first and last key: i <= key_begin - key_offset_min and
-// i >= key_begin + kBlockN - 1 - key_offset_max. So the band's upper edge cuts blocks at the low end,
-// its lower edge at the high end. Rows past seqlen_q are treated like real rows (their P is 0
-// anyway), which at worst masks one more block. Empty comes back as {blocks.begin, blocks.begin}.
-template <int kBlockM, int kBlockN, bool kIsMasked>
+// mask under the band (banded kernels only; the caller handles a key tail, which masks every block).
+// Row i of the tile is clear iff it sees the block's first and last key:
+// i <= key_begin - key_offset_min and i >= key_begin + kBlockN - 1 - key_offset_max. So the band's
+// upper edge cuts blocks at the low end, its lower edge at the high end. Rows past seqlen_q are
+// treated like real rows (their P is 0 anyway), which at worst masks one more block. Empty comes
+// back as {blocks.begin, blocks.begin}.
+template <int kBlockM, int kBlockN>
 CUTE_HOST_DEVICE BlockRange unmasked_query_blocks(int key_begin, MaskBand band, BlockRange blocks) {
-    if constexpr (!kIsMasked) {
-        return blocks;
-    } else {
-        // The host clamps the band into [-seqlen_q, seqlen_k], so these sums fit in int32.
-        const int lowest_clear_row = key_begin + kBlockN - 1 - band.key_offset_max;
-        const int rows_below = key_begin - band.key_offset_min + 1;  // clear rows end here
-        const int begin = max(blocks.begin, lowest_clear_row > 0 ? (lowest_clear_row + kBlockM - 1) / kBlockM : 0);
-        const int end = min(blocks.end, rows_below > 0 ? rows_below / kBlockM : 0);
-        if (begin >= end) return {blocks.begin, blocks.begin};
-        return {begin, end};
-    }
+    // The host clamps the band into [-seqlen_q, seqlen_k], so these sums fit in int32.
+    const int lowest_clear_row = key_begin + kBlockN - 1 - band.key_offset_max;
+    const int rows_below = key_begin - band.key_offset_min + 1;  // clear rows end here
+    const int begin = max(blocks.begin, lowest_clear_row > 0 ? (lowest_clear_row + kBlockM - 1) / kBlockM : 0);
+    const int end = min(blocks.end, rows_below > 0 ? rows_below / kBlockM : 0);
+    if (begin >= end) return {blocks.begin, blocks.begin};
+    return {begin, end};
 }
 
 // Sets invisible entries of an accumulator fragment of scores to -inf. `coords` is the same
