@@ -66,17 +66,21 @@ def region_kind(texts):
     return None
 
 
+def branch_target(text, index):
+    """Position (in the kernel's instruction list) that the branch `text` jumps to, or None."""
+    match = BRANCH_TARGET.search(text)
+    return index.get(int(match.group(1), 16)) if match else None
+
+
 def main_loops(instructions, min_length=200):
     """[(loop length, whole-loop Counter, hot-path Counter, [(kind, length), ...]), ...] of every loop
     of at least min_length instructions, in address order."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
     loops = []
-    for i, (address, text) in enumerate(instructions):
-        match = BRANCH_TARGET.search(text)
-        if match and int(match.group(1), 16) < address and int(match.group(1), 16) in index:
-            first = index[int(match.group(1), 16)]
-            if i - first + 1 >= min_length:
-                loops.append(loop_stats(instructions, index, first, i))
+    for i, (_, text) in enumerate(instructions):
+        first = branch_target(text, index)
+        if first is not None and first < i and i - first + 1 >= min_length:
+            loops.append(loop_stats(instructions, index, first, i))
     return loops
 
 
@@ -84,8 +88,7 @@ def loop_stats(instructions, index, first, last):
     """(length, whole-loop Counter, hot-path Counter, regions) of the loop from first to last."""
     skipped, regions = set(), []
     for i in range(first, last):
-        match = BRANCH_TARGET.search(instructions[i][1])
-        target = index.get(int(match.group(1), 16)) if match else None
+        target = branch_target(instructions[i][1], index)
         if target is not None and i < target <= last and target - i > MIN_REGION:
             kind = region_kind([text for _, text in instructions[i + 1:target]])
             if kind:
