@@ -179,6 +179,10 @@ def test_loopback_ring_matches_full_attention(world_size, layout, causal, heads,
     make_case(2, "ring", True, batch=1, seqlen_local=1000, heads=4, heads_kv=1, softmax_scale=0.3),
     make_case(2, "zigzag", True, batch=1, seqlen_local=2048, heads=4, heads_kv=4),
     make_case(2, "stripe", True, batch=1, seqlen_local=4097, heads=2, heads_kv=1),
+    # The backward computes its own block in two parts by kv heads, half of them first: odd counts
+    # (2 + 3 under GQA; 1 + 2 where the second part lives in a partial buffer, from N = 4).
+    make_case(2, "zigzag", True, batch=1, seqlen_local=100, heads=10, heads_kv=5),
+    make_case(4, "ring", False, batch=2, seqlen_local=33, heads=3, heads_kv=3),
 ], ids=lambda case: f"n{case.world_size}-{case.layout}-causal{int(case.causal)}-b{case.batch}-s{case.seqlen_local}-"
                     f"h{case.heads}-{case.heads_kv}")
 def test_loopback_ring_odd_shapes(case):

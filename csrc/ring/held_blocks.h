@@ -40,7 +40,7 @@ class HeldBlocks {
     // The receive slot of the last step's block (travelling rings only): (2 = k/v, b, s_k, h_kv, d)
     // in the input dtype. Nothing arrives in it after phase N - 2, and only the last step's kernels
     // read it, so once they are done its bytes may take other data of that shape (the backward
-    // receives this rank's dK/dV home into it).
+    // writes this rank's dK/dV, in the input dtype, into it).
     at::Tensor last_slot() const { return slots_[(world_size_ - 2) % 2]; }
 
     // Adds phase p's K/V transfer to `exchange`: send held(p), receive held(p + 1). The block of
