@@ -48,9 +48,9 @@ def ring_forward_reference(q, k, v, plan, group, softmax_scale):
 def ring_backward_reference(dout, q, k, v, out, lse, plan, group, softmax_scale):
     """(dq, dk, dv) in the dtypes of q, k, v, given the GLOBAL out and lse of the forward.
 
-    dq accumulates locally; dk/dv of the block held accumulate in buffers that travel with the
-    block and, after one more hop than the K/V (the last hop carries only them), arrive back at
-    the rank that owns the block."""
+    dq accumulates locally. The dk/dv of a block accumulate in buffers that travel with it, as the
+    CUDA ring's do: started on the rank after its owner (step 1 there), passed on after each step,
+    they reach the owner after N - 1 hops, where its own share (step 0) is added."""
     world_size = len(plan)
     neighbours = _Neighbours(group, world_size)
     accum = accumulation_dtype(q.dtype)
@@ -58,11 +58,14 @@ def ring_backward_reference(dout, q, k, v, out, lse, plan, group, softmax_scale)
     delta = (dout.to(accum) * out.to(accum)).sum(-1).transpose(1, 2)
     lse = lse.to(accum)
     dq = torch.zeros(q.shape, dtype=accum, device=q.device)
+    own_dk = torch.zeros(k.shape, dtype=accum, device=k.device)
+    own_dv = torch.zeros(v.shape, dtype=accum, device=v.device)
     block_k, block_v = k, v
-    block_dk = torch.zeros(k.shape, dtype=accum, device=k.device)
-    block_dv = torch.zeros(v.shape, dtype=accum, device=v.device)
+    block_dk, block_dv = own_dk, own_dv
     for step, pieces in enumerate(plan):
         incoming_kv = neighbours.start_exchange([block_k, block_v]) if step + 1 < world_size else None
+        if step == 1:
+            block_dk, block_dv = torch.zeros_like(own_dk), torch.zeros_like(own_dv)
         for piece in pieces:
             rows, keys = _rows(piece), _keys(piece)
             piece_dq, piece_dk, piece_dv = _piece_backward(
@@ -71,11 +74,14 @@ def ring_backward_reference(dout, q, k, v, out, lse, plan, group, softmax_scale)
             dq[:, rows] += piece_dq
             block_dk[:, keys] += piece_dk
             block_dv[:, keys] += piece_dv
-        if world_size > 1:
+        if step >= 1:
+            # The next block's dk/dv come from behind; after the last step, this rank's own.
             block_dk, block_dv = neighbours.start_exchange([block_dk, block_dv], first_tag=2).wait()
         if incoming_kv is not None:
             block_k, block_v = incoming_kv.wait()
-    return dq.to(q.dtype), block_dk.to(k.dtype), block_dv.to(v.dtype)
+    if world_size > 1:
+        own_dk, own_dv = own_dk + block_dk, own_dv + block_dv
+    return dq.to(q.dtype), own_dk.to(k.dtype), own_dv.to(v.dtype)
 
 
 def _rows(piece):
