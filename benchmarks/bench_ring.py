@@ -24,6 +24,11 @@ of N GPUs, so a perfect ring reaches 1.0. efficiency_own_kernel divides by the i
 kernel instead (ring-flash-attn: fa2_local), which is ring-flash-attn's "theoretic" convention.
 ring-flash-attn rejects non-causal zigzag and stripe: those rows say "rejects". Every forward of
 ours is also compared with ring-flash-attn's on the same shards (max_abs_diff_vs_rfa).
+With --usp, every rank also joins one Ulysses group (usp_groups(N): Ulysses groups of all N ranks,
+rings of one) and two more rows run on shards cut with ulysses_degree=N:
+  ours_usp  ring_attn_ext.usp_attn_func (layout zigzag);
+  yc_usp    yunchang 0.6.4's LongContextAttention (ring_impl_type "zigzag", attn_type FA: the
+            flash_attn stand-in on PyTorch's FlashAttention-2 kernels) from the same peers folder.
 
 ring-flash-attn comes from the peers folder (shared/peers: peers.py, the flash_attn stand-in on
 PyTorch's kernels, and the wheels): --peers-dir, else $PEERS_DIR, else .carry/peers in the repo,
@@ -88,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peers-dir", default=None, help="folder holding peers.py (default: see above)")
     p.add_argument("--no-peers", action="store_true", help="measure ours only")
+    p.add_argument("--usp", action="store_true",
+                   help="also Ulysses attention across all ranks: ours (usp_attn_func) and yunchang's")
     p.add_argument("--nproc", type=int, default=0,
                    help="processes to spawn when not started by torchrun (default: every visible GPU)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/ring_<gpu>_w<N>.json)")
@@ -167,6 +174,28 @@ def load_peers(args, ring):
     return rfa, fa2, note
 
 
+def load_yunchang(args, ring, peers_dir_loaded):
+    """yunchang's LongContextAttention over one Ulysses group of every rank, or None, and a note.
+    Rank 0 imports first, as in load_peers."""
+    if not args.usp or not peers_dir_loaded:
+        return None, "yunchang not measured (needs --usp and the peers folder)"
+    attention, note = None, "yunchang 0.6.4 from the peers folder"
+    for turn in (0, 1):
+        if (ring.rank == 0) == (turn == 0):
+            try:
+                import peers
+                yc = peers.yunchang()
+                from yunchang.kernels import AttnType
+                yc.set_seq_parallel_pg(ring.world, 1, ring.rank, ring.world)
+                attention = yc.LongContextAttention(ring_impl_type="zigzag", attn_type=AttnType.FA)
+            except Exception as error:  # a broken peer must not stop the measurement of ours
+                note = f"yunchang did not import: {first_line(error)}"
+        ring.barrier()
+    if ring.max([0.0 if attention is not None else 1.0])[0]:
+        return None, note if attention is None else "yunchang did not import on every rank"
+    return attention, note
+
+
 def make_step(torch, fn, tensors, mode):
     q, k, v, dout = tensors
     if mode == "fwd":
@@ -237,10 +266,14 @@ def shards(torch, ring_attn_ext, ring, cfg, args):
     for layout in LAYOUTS:
         q, k, v, dout = (ring_attn_ext.shard(t, layout, ring.rank, ring.world) for t in full)
         result[layout] = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout)
+    if args.usp:
+        q, k, v, dout = (ring_attn_ext.shard(t, "zigzag", ring.rank, ring.world, ulysses_degree=ring.world)
+                         for t in full)
+        result["ulysses"] = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout)
     return result
 
 
-def bench_config(torch, ring, args, cfg, ours, rfa, fa2_local):
+def bench_config(torch, ring, args, cfg, ours, rfa, fa2_local, usp_groups, yc_attention):
     """All rows of one configuration."""
     import ring_attn_ext
     data = shards(torch, ring_attn_ext, ring, cfg, args)
@@ -259,6 +292,11 @@ def bench_config(torch, ring, args, cfg, ours, rfa, fa2_local):
             why = None if fn is not None else f"{module.__name__} has no {FUNCTION_NAMES[layout]}"
             runs.append((impl, layout, None if fn is None else (lambda q, k, v, fn=fn: fn(q, k, v, causal=c)), why,
                          data[layout]))
+    if usp_groups is not None:
+        runs.append(("ours_usp", "ulysses", lambda q, k, v: ring_attn_ext.usp_attn_func(
+            q, k, v, causal=c, groups=usp_groups, layout="zigzag"), None, data["ulysses"]))
+    if yc_attention is not None:
+        runs.append(("yc_usp", "ulysses", lambda q, k, v: yc_attention(q, k, v, causal=c), None, data["ulysses"]))
 
     rows = []
     for mode in args.modes:
@@ -269,7 +307,7 @@ def bench_config(torch, ring, args, cfg, ours, rfa, fa2_local):
                 row.update(status="error", error=why)
             else:
                 # ring-flash-attn asserts causal for zigzag and stripe: that is a rejection, not a failure.
-                rejects_as = AssertionError if impl == "rfa" else ()
+                rejects_as = AssertionError if impl in ("rfa", "yc_usp") else ()
                 row.update(measure(torch, ring, args, make_step(torch, fn, tensors, mode), rejects_as))
             rows.append(row)
             torch.cuda.empty_cache()
@@ -310,7 +348,8 @@ def add_efficiency(rows, world):
     own (ours: ours_local, rfa: fa2_local), both as iter/s over (local iter/s / N)."""
     local = {(r["impl"], r["mode"]): r["iter_s"] for r in rows
              if r["impl"] in ("ours_local", "fa2_local") and r["status"] == "ok"}
-    own = {"ours": "ours_local", "rfa": "fa2_local", "ours_local": "ours_local", "fa2_local": "fa2_local"}
+    own = {"ours": "ours_local", "rfa": "fa2_local", "ours_local": "ours_local", "fa2_local": "fa2_local",
+           "ours_usp": "ours_local", "yc_usp": "fa2_local"}
     for r in rows:
         if r["status"] != "ok":
             continue
@@ -323,10 +362,13 @@ def add_efficiency(rows, world):
             r["efficiency_own_kernel"] = r["iter_s"] / (own_base / world)
 
 
-def format_table(rows, layouts):
+def format_table(rows, layouts, usp=False):
     """One line per (config, mode): local kernels' iter/s, then each ring's iter/s and efficiency."""
     columns = [("ours_local", None), ("fa2_local", None)] + [(i, l) for i in ("ours", "rfa") for l in layouts]
     titles = ["ours-1gpu", "fa2-1gpu"] + [f"{i} {l}" for i, l in columns[2:]]
+    if usp:
+        columns += [("ours_usp", "ulysses"), ("yc_usp", "ulysses")]
+        titles += ["ours ulysses", "yc ulysses"]
     header = f"{'config':22} {'mode':7} " + " ".join(f"{t:>15}" for t in titles)
     lines = [header, "-" * len(header)]
     keyed = {}
@@ -357,6 +399,10 @@ def run(args, rank, world, local_rank):
         ring = Ring(torch, dist)
         import ring_attn_ext
         rfa, fa2_local, peers_note = load_peers(args, ring)
+        usp_groups = ring_attn_ext.usp_groups(world) if args.usp else None
+        yc_attention, yc_note = load_yunchang(args, ring, rfa is not None)
+        if args.usp:
+            peers_note += "; " + yc_note
         meta = bench_common.run_metadata(torch)
         meta.update(world_size=world, peers=peers_note, configs=[c.name for c in args.configs],
                     timing={"warmup_iters": args.warmup, "iters": args.iters or None, "target_s": args.target_s,
@@ -365,20 +411,20 @@ def run(args, rank, world, local_rank):
                                             f"ring_{bench_common.gpu_slug(meta['gpu'])}_w{world}.json")
         if rank == 0:
             print(f"{meta['gpu']} x{world}, torch {meta['torch']}; {peers_note}", flush=True)
-            print(format_table([], args.layouts), flush=True)
+            print(format_table([], args.layouts, args.usp), flush=True)
         rows = []
         for cfg in args.configs:
-            new_rows = bench_config(torch, ring, args, cfg, ring_attn_ext, rfa, fa2_local)
+            new_rows = bench_config(torch, ring, args, cfg, ring_attn_ext, rfa, fa2_local, usp_groups, yc_attention)
             rows += new_rows
             if rank == 0:
                 for r in new_rows:
                     if r["status"] == "error":
                         print(f"  {cfg.name} {r['mode']} {r['impl']} {r['layout']}: {r['error']}", flush=True)
-                print(format_table(new_rows, args.layouts).split("\n", 2)[2], flush=True)  # rows, no header
+                print(format_table(new_rows, args.layouts, args.usp).split("\n", 2)[2], flush=True)  # rows only
                 bench_common.write_json(out_path, dict(meta, rows=rows))
         if rank == 0:
             print()
-            print(format_table(rows, args.layouts))
+            print(format_table(rows, args.layouts, args.usp))
             print(f"\nwrote {out_path}")
     finally:
         dist.destroy_process_group()

@@ -3,7 +3,8 @@
 Single-device attention: flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 (FlashAttention-2's names and semantics). Ring attention across a process group: forward/backward
 (low level) and ring-flash-attn's drop-in functions. CPU tensors run the same math through the
-PyTorch reference, so every function also works without a GPU.
+PyTorch reference, so every function also works without a GPU. Ulysses x ring (USP):
+usp_groups and usp_attn_func.
 """
 from ._extension import has_extension
 from .flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
@@ -16,10 +17,13 @@ from .ring_flash_attn import (ring_flash_attn_func, ring_flash_attn_kvpacked_fun
                               zigzag_ring_flash_attn_qkvpacked_func)
 from .ring_plan import Piece, build_plan
 from .sharding import LAYOUTS, positions, shard, unshard
+from .usp_attention import usp_attn_func
+from .usp_groups import UspGroups, usp_groups
 
 __all__ = [
     "LAYOUTS",
     "Piece",
+    "UspGroups",
     "attention_reference",
     "backward",
     "band_for",
@@ -38,6 +42,8 @@ __all__ = [
     "stripe_flash_attn_kvpacked_func",
     "stripe_flash_attn_qkvpacked_func",
     "unshard",
+    "usp_attn_func",
+    "usp_groups",
     "zigzag_ring_flash_attn_func",
     "zigzag_ring_flash_attn_kvpacked_func",
     "zigzag_ring_flash_attn_qkvpacked_func",

@@ -1,7 +1,8 @@
 """python -m ring_attn_ext: the main job.
 
 Runs ring attention across the GPUs present (one process per GPU, NCCL) or, without a GPU, across
-4 CPU processes (gloo). For each layout it shards one random global q/k/v (the same on every
+4 CPU processes (gloo); with --ulysses-degree U > 1, Ulysses x ring attention (usp_attn_func) on
+Ulysses groups of U ranks. For each layout it shards one random global q/k/v (the same on every
 rank), runs the drop-in function forward and backward on the shards, and checks every rank's
 out, lse, dq, dk and dv against full attention on the unsharded tensors computed in float64, by
 FlashAttention's rule: the ring's error is at most 2x (3x for gradients) the error of the same
@@ -22,6 +23,8 @@ from .masks import band_for
 from .reference import attention_reference
 from .ring_flash_attn import ring_flash_attn_func, stripe_flash_attn_func, zigzag_ring_flash_attn_func
 from .sharding import LAYOUTS, shard, tokens_per_rank
+from .usp_attention import usp_attn_func
+from .usp_groups import usp_groups
 
 FUNCTIONS = {"ring": ring_flash_attn_func, "zigzag": zigzag_ring_flash_attn_func, "stripe": stripe_flash_attn_func}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -46,6 +49,9 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ", ".join(LAYOUTS))
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ulysses-degree", type=int, default=1,
+                        help="ranks per Ulysses group: > 1 runs Ulysses x ring attention (usp_attn_func) on "
+                             "world-size / ulysses-degree rings; 1: plain ring attention")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,9 +70,15 @@ def parse_args(argv):
     unknown = [layout for layout in args.layouts if layout not in LAYOUTS]
     if unknown or not args.layouts:
         parser.error(f"--layouts: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
+    degree = args.ulysses_degree
+    if degree < 1 or args.world_size % degree != 0:
+        parser.error(f"--ulysses-degree {degree} must be positive and divide --world-size {args.world_size}")
+    if args.heads % degree != 0 or (args.kv_heads % degree != 0 and degree % args.kv_heads != 0):
+        parser.error(f"--ulysses-degree {degree}: --heads ({args.heads}) must be a multiple of it, and --kv-heads "
+                     f"({args.kv_heads}) a multiple or a divisor of it")
     for layout in args.layouts:
         try:
-            tokens_per_rank(args.seqlen, layout, args.world_size)
+            tokens_per_rank(args.seqlen, layout, args.world_size, ulysses_degree=degree)
         except ValueError as error:
             parser.error(f"--seqlen: {error}")
     return args
@@ -76,8 +88,9 @@ def max_error(actual, expected):
     return (actual.double() - expected.double()).abs().max().item()
 
 
-def check_layout(rank, world_size, layout, args, device):
-    """Errors of this rank's shards and the bounds they must meet, as {quantity: (error, bound)}."""
+def check_layout(rank, world_size, layout, args, device, groups):
+    """Errors of this rank's shards and the bounds they must meet, as {quantity: (error, bound)}.
+    groups: the UspGroups of --ulysses-degree > 1, else None."""
     dtype = DTYPES[args.dtype]
     generator = torch.Generator().manual_seed(20260101)  # the same global tensors on every rank
 
@@ -87,6 +100,9 @@ def check_layout(rank, world_size, layout, args, device):
     q, k, v, dout = randn(args.heads), randn(args.kv_heads), randn(args.kv_heads), randn(args.heads)
     band = band_for(args.seqlen, args.seqlen, args.causal)
 
+    def mine(t, dim=1):
+        return shard(t, layout, rank, world_size, dim=dim, ulysses_degree=args.ulysses_degree)
+
     def full_attention(compute_dtype, upcast):
         """Full attention on the unsharded tensors and its gradients (of sum(out * dout), i.e.
         backward with dout), as this rank's shards."""
@@ -94,15 +110,17 @@ def check_layout(rank, world_size, layout, args, device):
         out, lse = attention_reference(*leaves, None, *band, upcast=upcast)
         grads = torch.autograd.grad((out * dout.to(compute_dtype)).sum(), leaves)
         results = dict(out=out.detach(), lse=lse, dq=grads[0], dk=grads[1], dv=grads[2])
-        return {name: shard(t, layout, rank, world_size, dim=2 if name == "lse" else 1)
-                for name, t in results.items()}
+        return {name: mine(t, dim=2 if name == "lse" else 1) for name, t in results.items()}
 
     exact = full_attention(torch.float64, upcast=True)
     same_dtype = full_attention(dtype, upcast=False)
 
-    local = [shard(t, layout, rank, world_size).to(dtype).detach().requires_grad_() for t in (q, k, v)]
-    out, lse, _ = FUNCTIONS[layout](*local, causal=args.causal, return_attn_probs=True)
-    (out * shard(dout, layout, rank, world_size).to(dtype)).sum().backward()
+    local = [mine(t).to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    if groups is None:
+        out, lse, _ = FUNCTIONS[layout](*local, causal=args.causal, return_attn_probs=True)
+    else:
+        out, lse, _ = usp_attn_func(*local, causal=args.causal, return_attn_probs=True, groups=groups, layout=layout)
+    (out * mine(dout).to(dtype)).sum().backward()
     ring = dict(out=out.detach(), lse=lse, dq=local[0].grad, dk=local[1].grad, dv=local[2].grad)
 
     report = {}
@@ -128,9 +146,10 @@ def worker(rank, args, init_method, results):
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=args.world_size,
                                 timeout=datetime.timedelta(minutes=5))
     try:
+        groups = usp_groups(args.ulysses_degree) if args.ulysses_degree > 1 else None
         rows = []
         for layout in args.layouts:
-            report = check_layout(rank, args.world_size, layout, args, device)
+            report = check_layout(rank, args.world_size, layout, args, device, groups)
             # Every rank's (error, bound) per quantity and its verdict go to rank 0 for the table.
             values = torch.tensor([v for name in QUANTITIES for v in report[name]]
                                   + [float(all(e <= b for e, b in report.values()))], dtype=torch.float64,
@@ -148,7 +167,9 @@ def worker(rank, args, init_method, results):
 
 
 def print_table(args, rows):
-    print(f"ring attention, {args.device}, world {args.world_size}, {args.dtype}, batch {args.batch}, "
+    what = ("ring attention" if args.ulysses_degree == 1 else
+            f"Ulysses x ring attention ({args.ulysses_degree} x {args.world_size // args.ulysses_degree})")
+    print(f"{what}, {args.device}, world {args.world_size}, {args.dtype}, batch {args.batch}, "
           f"seqlen {args.seqlen}, heads {args.heads}/{args.kv_heads}, head_dim {args.head_dim}, "
           f"causal {args.causal}; max error over ranks vs float64 full attention (bound)")
     header = f"{'layout':<8}{'world':>6}  " + "".join(f"{name:>22}" for name in QUANTITIES) + "  result"

@@ -81,21 +81,29 @@ def check_call(operation, q, k, v, ring_group, causal, softmax_scale, layout, wi
     if shape.seqlen_q != shape.seqlen_k:
         raise ValueError(f"ring attention needs q, k and v shards of the same sequence: q holds {shape.seqlen_q} "
                          f"tokens and k/v hold {shape.seqlen_k}")
+    needs_backward = operation == "backward" or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    window, call = plan_call(shape, q.dtype, q.device, needs_backward, ring_group, causal, softmax_scale, layout,
+                             window_size)
+    signature = Signature(operation, tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout, causal,
+                          tuple(window), call.softmax_scale)
+    return signature, call
+
+
+def plan_call(shape, dtype, device, needs_backward, ring_group, causal, softmax_scale, layout, window_size):
+    """The ring's side of check_call for shards of `shape` (a checks.QKVShape with seqlen_q ==
+    seqlen_k) and `dtype` on `device`, from metadata alone: returns ((left, right) window, RingCall).
+    needs_backward: whether the backward kernels must exist too."""
     checks.check_flag(causal, "causal")
     scale = checks.check_softmax_scale(softmax_scale, shape.head_dim)
     window = check_window_size(window_size)
     check_layout(layout)
-    checks.check_device_support(shape, q.device, "ring attention on CUDA tensors", q.dtype,
-                                backward=operation == "backward" or (torch.is_grad_enabled() and any(
-                                    t.requires_grad for t in (q, k, v))))
-    if ring_group.world_size > 1 and not q.is_cuda and not backend_supports_cpu(ring_group.group):
-        raise ValueError(f"ring attention on {q.device.type} tensors runs over torch.distributed and needs a process "
+    checks.check_device_support(shape, device, "ring attention on CUDA tensors", dtype, backward=needs_backward)
+    if ring_group.world_size > 1 and device.type != "cuda" and not backend_supports_cpu(ring_group.group):
+        raise ValueError(f"ring attention on {device.type} tensors runs over torch.distributed and needs a process "
                          f"group with a CPU backend such as gloo; this group's backend is "
                          f"{dist.get_backend(ring_group.group)}")
     plan = build_plan(layout, ring_group.rank, ring_group.world_size, shape.seqlen_q, causal, window)
-    signature = Signature(operation, tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout, causal,
-                          tuple(window), scale)
-    return signature, RingCall(ring_group, plan, scale)
+    return window, RingCall(ring_group, plan, scale)
 
 
 def check_backward_tensors(dout, out, lse, q):

@@ -23,7 +23,7 @@ from . import checks, ring
 from .packing import KV_PACKED, NAMES, QKV_PACKED, SEPARATE, pack, unpack
 from .group_checks import validate_together
 
-class _RingAttentionFunction(torch.autograd.Function):
+class RingAttentionFunction(torch.autograd.Function):
     """apply(call, packing, *tensors) -> (out, lse); lse is not differentiable. tensors are
     (q, k, v), (q, kv) or (qkv,) as `packing` says; the gradients match them."""
 
@@ -69,7 +69,7 @@ def _ring_attention(layout, packing, tensors, dropout_p, softmax_scale, causal, 
         return ring.check_call("forward", q, k, v, ring_group, causal, softmax_scale, layout, window_size)
 
     call = validate_together(ring_group.group, ring_group.world_size, validate)
-    out, lse = _RingAttentionFunction.apply(call, packing, *tensors)
+    out, lse = RingAttentionFunction.apply(call, packing, *tensors)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -1,12 +1,13 @@
 """Benchmark scripts' logic that runs on CPU: which result files the ring plot picks up by default,
-and how the ring trace splits a timeline."""
+how the ring benchmark rates and tabulates its rows, and how the ring trace splits a timeline."""
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import plot_ring  # noqa: E402  (benchmarks/ is not a package)
+import bench_ring  # noqa: E402  (benchmarks/ is not a package)
+import plot_ring  # noqa: E402
 import trace_ring  # noqa: E402
 
 
@@ -17,6 +18,25 @@ def test_ring_plot_takes_bench_ring_results_and_leaves_out_loopback_ones(tmp_pat
         (tmp_path / name).write_text("{}")
     picked = [os.path.basename(path) for path in plot_ring.ring_result_files(str(tmp_path))]
     assert picked == ["ring_nvidia-h100-80gb-hbm3_w8.json", "ring_nvidia-h200_w2.json"]
+
+
+def test_ring_bench_rates_ulysses_rows_against_each_ones_own_kernel():
+    def row(impl, layout, iter_s, status="ok"):
+        return {"config": "s8k_h32_kv8_causal", "mode": "fwd", "impl": impl, "layout": layout, "iter_s": iter_s,
+                "status": status}
+
+    rows = [row("ours_local", None, 600.0), row("fa2_local", None, 500.0), row("ours", "zigzag", 290.0),
+            row("ours_usp", "ulysses", 270.0), row("yc_usp", "ulysses", 240.0), row("rfa", "ring", 0.0, "rejects")]
+    bench_ring.add_efficiency(rows, world=2)
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["ours_usp"]["efficiency"] == 270.0 / 300.0
+    assert by_impl["yc_usp"]["efficiency"] == 240.0 / 300.0
+    assert by_impl["yc_usp"]["efficiency_own_kernel"] == 240.0 / 250.0
+    assert "efficiency" not in by_impl["rfa"] and "efficiency" not in by_impl["ours_local"]
+    header, _, line = bench_ring.format_table(rows, ["zigzag"], usp=True).split("\n")
+    assert header.split()[-4:] == ["ours", "ulysses", "yc", "ulysses"]
+    assert line.endswith("270.0 ( 90%)    240.0 ( 80%)"), line
+    assert "ulysses" not in bench_ring.format_table(rows, ["zigzag"])
 
 
 ATTENTION = "void ring_attn::flash_bwd_kernel<ring_attn::BwdTraits<bfloat16_t, 128>, false>(ring_attn::BwdParams)"

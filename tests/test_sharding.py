@@ -115,3 +115,43 @@ def test_errors_name_the_rule():
     with pytest.raises(ValueError, match="seqlen_local must be even"):
         local_runs("zigzag", 0, 2, 3)
     assert tokens_per_rank(24, "zigzag", 3) == 8
+
+
+def ulysses_splits(world_size):
+    return [degree for degree in range(1, world_size + 1) if world_size % degree == 0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_ulysses_degree_splits_each_ring_part_in_rank_order(layout, world_size):
+    """Rank r holds the (r % U)-th of U equal contiguous pieces of ring rank r // U's part of the
+    layout over world_size / U ranks (DESIGN: Ulysses groups of consecutive ranks)."""
+    for degree in ulysses_splits(world_size):
+        rings = world_size // degree
+        parts = 2 * rings if layout == "zigzag" else rings
+        seqlen = parts * degree * 2
+        every = []
+        for rank in range(world_size):
+            ring_part = expected_positions(seqlen, layout, rank // degree, rings)
+            size = len(ring_part) // degree
+            expected = ring_part[(rank % degree) * size:(rank % degree + 1) * size]
+            assert positions(seqlen, layout, rank, world_size, ulysses_degree=degree).tolist() == expected
+            every += expected
+        assert sorted(every) == list(range(seqlen))
+        x = torch.randn(2, seqlen, 3)
+        pieces = [shard(x, layout, rank, world_size, ulysses_degree=degree) for rank in range(world_size)]
+        assert torch.equal(unshard(pieces, layout, world_size, ulysses_degree=degree), x)
+        assert tokens_per_rank(seqlen, layout, world_size, ulysses_degree=degree) == seqlen // world_size
+
+
+def test_ulysses_degree_errors_name_the_rule():
+    with pytest.raises(ValueError, match=r"ulysses_degree \(3\) must divide world_size \(4\)"):
+        positions(12, "ring", 0, 4, ulysses_degree=3)
+    with pytest.raises(ValueError, match="ulysses_degree must be a positive int"):
+        shard(torch.randn(1, 8), "ring", 0, 2, ulysses_degree=0)
+    # Zigzag over 2 rings needs seqlen % 4 == 0; each ring rank's part must also split into 2 pieces.
+    with pytest.raises(ValueError, match=r"multiple of 2 \* \(world_size / ulysses_degree\) = 4"):
+        positions(6, "zigzag", 0, 4, ulysses_degree=2)
+    with pytest.raises(ValueError, match="must be a multiple of ulysses_degree"):
+        positions(6, "ring", 0, 4, ulysses_degree=4)
+    assert positions(4, "zigzag", 3, 4, ulysses_degree=2).tolist() == [2]  # one token per piece
