@@ -4,7 +4,7 @@ Single-device attention: flash_attn_func, flash_attn_kvpacked_func, flash_attn_q
 (FlashAttention-2's names and semantics). Ring attention across a process group: forward/backward
 (low level) and ring-flash-attn's drop-in functions. CPU tensors run the same math through the
 PyTorch reference, so every function also works without a GPU. Ulysses x ring (USP):
-usp_groups and usp_attn_func.
+usp_groups and usp_attn_func. Decoding over a key/value cache split across ranks: tree_attn_decode.
 """
 from ._extension import has_extension
 from .flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
@@ -17,6 +17,7 @@ from .ring_flash_attn import (ring_flash_attn_func, ring_flash_attn_kvpacked_fun
                               zigzag_ring_flash_attn_qkvpacked_func)
 from .ring_plan import Piece, build_plan
 from .sharding import LAYOUTS, positions, shard, unshard
+from .tree_decode import tree_attn_decode
 from .usp_attention import usp_attn_func
 from .usp_groups import UspGroups, usp_groups
 
@@ -41,6 +42,7 @@ __all__ = [
     "stripe_flash_attn_func",
     "stripe_flash_attn_kvpacked_func",
     "stripe_flash_attn_qkvpacked_func",
+    "tree_attn_decode",
     "unshard",
     "usp_attn_func",
     "usp_groups",

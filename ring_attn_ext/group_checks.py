@@ -33,22 +33,24 @@ import torch.distributed as dist
 
 from .sharding import LAYOUTS
 
-Signature = typing.NamedTuple("Signature", [
-    ("operation", str),           # "forward" or "backward"
-    ("q_shape", typing.Tuple[int, ...]),
-    ("kv_shape", typing.Tuple[int, ...]),
-    ("dtype", torch.dtype),
-    ("device_type", str),
-    ("layout", str),
-    ("causal", bool),
-    ("window_size", typing.Tuple[int, int]),
-    ("softmax_scale", float)])
+class Signature(typing.NamedTuple):
+    operation: str                  # "forward", "backward" or "decode" (tree_decode.py)
+    q_shape: typing.Tuple[int, ...]
+    kv_shape: typing.Tuple[int, ...]
+    dtype: torch.dtype
+    device_type: str
+    layout: typing.Optional[str]    # None where the call has no layout (decode)
+    causal: bool
+    window_size: typing.Tuple[int, int]
+    softmax_scale: float
+    q_start: int = -1               # decode: the global position of the first query; -1 elsewhere
 
-_OPERATIONS = ("forward", "backward")
+
+_OPERATIONS = ("forward", "backward", "decode")
 _DEVICE_TYPES = ("cpu", "cuda")
 # Record fields: (name, number of int64 slots). A record starts with a flag: 1 = valid arguments.
 _FIELDS = (("operation", 1), ("q shape", 4), ("k/v shape", 4), ("dtype", 1), ("device type", 1),
-           ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1))
+           ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1), ("q_start", 1))
 _RECORD_SIZE = 1 + sum(size for _, size in _FIELDS)
 
 
@@ -116,15 +118,16 @@ def _encode(signature):
     if signature is None:
         return [0] * _RECORD_SIZE
     return [1, _OPERATIONS.index(signature.operation), *signature.q_shape, *signature.kv_shape,
-            _dtype_code(signature.dtype), _device_code(signature.device_type), LAYOUTS.index(signature.layout),
+            _dtype_code(signature.dtype), _device_code(signature.device_type), _layout_code(signature.layout),
             int(signature.causal), *signature.window_size,
-            struct.unpack("<q", struct.pack("<d", signature.softmax_scale))[0]]
+            struct.unpack("<q", struct.pack("<d", signature.softmax_scale))[0], signature.q_start]
 
 
 def _raise_if_disagreeing(records, operation):
+    what = "tree attention decoding" if operation == "decode" else f"ring attention {operation}"
     rejected = [rank for rank, record in enumerate(records) if record[0] != 1]
     if rejected:
-        raise ValueError(f"ring attention {operation}: rank(s) {rejected} of the process group rejected their "
+        raise ValueError(f"{what}: rank(s) {rejected} of the process group rejected their "
                          "arguments (the error is raised there); every rank stops here instead of waiting for them")
     differences = []
     offset = 1
@@ -135,14 +138,19 @@ def _raise_if_disagreeing(records, operation):
             differences.append(f"{name} ({shown})")
         offset += size
     if differences:
-        raise ValueError(f"ring attention {operation}: the ranks of the process group disagree on "
-                         + "; ".join(differences)
-                         + ". Every rank must pass local shards of the same shape and dtype and the same layout, "
-                         "causal, window_size and softmax_scale.")
+        rule = ("the same queries and q_start, k/v shards of one cache (any length; the same batch, heads and "
+                "head_dim), and the same dtype, causal and softmax_scale" if operation == "decode" else
+                "local shards of the same shape and dtype and the same layout, causal, window_size and softmax_scale")
+        raise ValueError(f"{what}: the ranks of the process group disagree on "
+                         + "; ".join(differences) + f". Every rank must pass {rule}.")
 
 
 def _device_code(device_type):
     return _DEVICE_TYPES.index(device_type) if device_type in _DEVICE_TYPES else len(_DEVICE_TYPES)
+
+
+def _layout_code(layout):
+    return len(LAYOUTS) if layout is None else LAYOUTS.index(layout)
 
 
 def _dtype_code(dtype):
@@ -162,10 +170,10 @@ def _decode(name, value):
     if name == "device type":
         return _DEVICE_TYPES[value[0]] if value[0] < len(_DEVICE_TYPES) else "other"
     if name == "layout":
-        return repr(LAYOUTS[value[0]])
+        return repr(LAYOUTS[value[0]]) if value[0] < len(LAYOUTS) else "none"
     if name == "causal":
         return bool(value[0])
-    if name == "window_size":
-        return tuple(value)
+    if name in ("window_size", "q_start"):
+        return tuple(value) if len(value) > 1 else value[0]
     scale = struct.unpack("<d", struct.pack("<q", value[0]))[0]
     return repr(scale) if math.isfinite(scale) else str(scale)

@@ -36,7 +36,7 @@ def ring_forward_reference(q, k, v, plan, group, softmax_scale):
         incoming = neighbours.start_exchange([block_k, block_v]) if step + 1 < world_size else None
         for piece in pieces:
             rows, keys = _rows(piece), _keys(piece)
-            piece_out, piece_lse = _piece_forward(q[:, rows], block_k[:, keys], block_v[:, keys],
+            piece_out, piece_lse = piece_forward(q[:, rows], block_k[:, keys], block_v[:, keys],
                                                   softmax_scale, piece.key_offset_min, piece.key_offset_max, accum)
             out[:, rows], lse[:, :, rows] = merge_partial(out[:, rows], lse[:, :, rows], piece_out, piece_lse)
         if incoming is not None:
@@ -117,7 +117,8 @@ def _finite_or_zero(lse):
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
-def _piece_forward(q, k, v, softmax_scale, key_offset_min, key_offset_max, accum):
+def piece_forward(q, k, v, softmax_scale, key_offset_min, key_offset_max, accum):
+    """(out, lse) of q over k, v within the band, unrounded in `accum` (tree_decode.py uses it too)."""
     scores, _ = _scores(q, k, softmax_scale, key_offset_min, key_offset_max, accum)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - _finite_or_zero(lse)[..., None])

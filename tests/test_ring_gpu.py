@@ -13,6 +13,7 @@
     every layout; each rank's forward must also equal the loopback ring's bit for bit. Also
     Ulysses x ring attention (usp_attn_func) with every rank in one Ulysses group, k/v heads split
     and replicated, forward and backward.
+(c) Ulysses x ring on one GPU: two processes over gloo, every rank in one Ulysses group.
 Both rings are also captured in a CUDA graph and replayed on new inputs.
 
 Accuracy: FlashAttention's rule against an fp32 reference (2x the same-dtype PyTorch error for
@@ -593,8 +594,9 @@ def _nccl_ring_worker(rank, world_size, init_file, head_dim, dtype):
         for layout in LAYOUTS:
             for heads_kv in (2, 1):  # split over the group; replicated (world_size / heads_kv copies)
                 seed += 1
-                _check_nccl_usp_case(rank, make_case(world_size, layout, True, seqlen_local=129, heads=8,
-                                                     heads_kv=heads_kv), head_dim, dtype, seed, groups)
+                _check_usp_case(rank, torch.device("cuda", rank), make_case(
+                    world_size, layout, True, seqlen_local=129, heads=8, heads_kv=heads_kv), head_dim, dtype, seed,
+                    groups)
     finally:
         _ring_cuda.destroy_communicators()  # spawned processes end without running atexit handlers
         dist.destroy_process_group()
@@ -625,8 +627,8 @@ def _check_nccl_case(rank, case, head_dim, dtype, seed):
         f"{what}: the NCCL ring's forward differs from the loopback ring's"
 
 
-def _check_nccl_usp_case(rank, case, head_dim, dtype, seed, groups):
-    device = torch.device("cuda", rank)
+def _check_usp_case(rank, device, case, head_dim, dtype, seed, groups):
+    """usp_attn_func forward and backward on `device` against full attention on the unsharded tensors."""
     scale = head_dim ** -0.5
     q, k, v, dout = global_tensors(case, head_dim, dtype, device, seed)
     full = full_attention(q, k, v, dout, case, scale)
@@ -672,6 +674,23 @@ def _check_nccl_graph_replay(rank, world_size, head_dim, dtype):
         torch.testing.assert_close(got, expected, msg=f"rank {rank}: replayed {name}")
 
 
+def _spawn_ranks(worker, world_size, head_dim, dtype, what, deadline_s=600):
+    """Runs worker(rank, world_size, rendezvous file, head_dim, dtype) in world_size processes and
+    fails with the first failing rank's exception, or when they are not done by the deadline."""
+    with tempfile.TemporaryDirectory() as directory:
+        context = mp.spawn(worker, args=(world_size, os.path.join(directory, "rendezvous"), head_dim, dtype),
+                           nprocs=world_size, join=False)
+        deadline = time.monotonic() + deadline_s
+        try:
+            while not context.join(timeout=5):  # raises the first failing rank's exception
+                assert time.monotonic() < deadline, f"{what} did not finish within {deadline_s} s (hang?)"
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+
+
 @requires_cuda_extension
 @pytest.mark.multigpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs (one process per GPU)")
@@ -679,16 +698,31 @@ def test_nccl_ring_on_two_gpus_matches_full_attention(monkeypatch):
     head_dim, dtype = kernel_config()
     for name, value in MULTICAST_OFF.items():
         monkeypatch.setenv(name, value)  # inherited by the spawned processes
-    world_size, deadline_s = 2, 600
-    with tempfile.TemporaryDirectory() as directory:
-        context = mp.spawn(_nccl_ring_worker, args=(world_size, os.path.join(directory, "rendezvous"), head_dim, dtype),
-                           nprocs=world_size, join=False)
-        deadline = time.monotonic() + deadline_s
-        try:
-            while not context.join(timeout=5):  # raises the first failing rank's exception
-                assert time.monotonic() < deadline, f"the NCCL ring did not finish within {deadline_s} s (hang?)"
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+    _spawn_ranks(_nccl_ring_worker, 2, head_dim, dtype, "the NCCL ring")
+
+
+# (c) Ulysses x ring on one GPU: two processes share it over gloo. With every rank in one Ulysses
+# group the rings have one rank each and need no NCCL communicator (NCCL takes one rank per GPU),
+# so usp_attn_func's CUDA path (the exchange of CUDA tensors, our kernels on the gathered heads,
+# autograd back through both) runs where only one GPU is lent.
+
+def _gloo_usp_worker(rank, world_size, init_file, head_dim, dtype):
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world_size)
+    try:
+        groups = ring_attn_ext.usp_groups(world_size)
+        seed = 50
+        for layout in LAYOUTS:
+            for causal, heads_kv in ((True, 2), (False, 1), (True, 1)):
+                seed += 1
+                _check_usp_case(rank, torch.device("cuda", 0), make_case(
+                    world_size, layout, causal, seqlen_local=129, heads=8, heads_kv=heads_kv), head_dim, dtype,
+                    seed, groups)
+    finally:
+        dist.destroy_process_group()
+
+
+@requires_cuda_extension
+def test_usp_on_one_gpu_over_gloo_matches_full_attention():
+    head_dim, dtype = kernel_config()
+    _spawn_ranks(_gloo_usp_worker, 2, head_dim, dtype, "Ulysses attention over gloo")
