@@ -19,7 +19,7 @@ from .ring_plan import Piece, build_plan
 from .sharding import LAYOUTS, positions, shard, unshard
 from .tree_decode import tree_attn_decode
 from .usp_attention import usp_attn_func
-from .usp_groups import UspGroups, usp_groups
+from .usp_process_groups import UspGroups, usp_groups
 
 __all__ = [
     "LAYOUTS",

@@ -24,7 +24,7 @@ from .reference import attention_reference
 from .ring_flash_attn import ring_flash_attn_func, stripe_flash_attn_func, zigzag_ring_flash_attn_func
 from .sharding import LAYOUTS, shard, tokens_per_rank
 from .usp_attention import usp_attn_func
-from .usp_groups import usp_groups
+from .usp_process_groups import usp_groups
 
 FUNCTIONS = {"ring": ring_flash_attn_func, "zigzag": zigzag_ring_flash_attn_func, "stripe": stripe_flash_attn_func}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}

@@ -4,7 +4,7 @@
                   alibi_slopes=None, deterministic=False, return_attn_probs=False, *, groups,
                   layout="zigzag") -> out, or (out, lse, None) with return_attn_probs=True
 
-groups: usp_groups(ulysses_degree, group) (usp_groups.py). q (b, s_local, h, d), k and v
+groups: usp_groups(ulysses_degree, group) (usp_process_groups.py). q (b, s_local, h, d), k and v
 (b, s_local, h_kv, d): this rank's shard, as shard(x, layout, rank, world_size,
 ulysses_degree=U) cuts it; out and lse (b, h, s_local) are this rank's shards of the global results.
 
@@ -34,7 +34,7 @@ from .group_checks import Signature, backend_supports_cpu, validate_together
 from .packing import SEPARATE
 from .ring_flash_attn import RingAttentionFunction
 from .ulysses import heads_to_sequence, lse_heads_to_sequence, sequence_to_heads
-from .usp_groups import UspGroups
+from .usp_process_groups import UspGroups
 
 
 def usp_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,

@@ -1,6 +1,6 @@
-"""Ulysses x ring attention on CPU tensors over gloo (usp_groups.py, ulysses.py, usp_attention.py),
-against full attention on the unsharded tensors in float64, forward and backward, for every way to
-split worlds of 2, 4 and 6 ranks into Ulysses groups and rings.
+"""Ulysses x ring attention on CPU tensors over gloo (usp_process_groups.py, ulysses.py,
+usp_attention.py), against full attention on the unsharded tensors in float64, forward and
+backward, for every way to split worlds of 2, 4 and 6 ranks into Ulysses groups and rings.
 """
 import os
 import subprocess
@@ -12,9 +12,10 @@ import torch.distributed as dist
 
 from ring_attn_ext import __main__ as main_job
 from ring_attn_ext import ulysses
+from ring_attn_ext import usp_process_groups
 from ring_attn_ext.sharding import shard
 from ring_attn_ext.usp_attention import usp_attn_func
-from ring_attn_ext.usp_groups import usp_groups
+from ring_attn_ext.usp_process_groups import usp_groups
 from ring_workers import RankPool
 from test_ring_cpu import assert_close, expect_error, oracle
 
@@ -153,6 +154,32 @@ def errors_on_rank(rank, world_size):
     return True
 
 
+def subgroup_parent_on_rank(rank, world_size):
+    """usp_groups over a subgroup works where torch makes subgroups without splitting the default
+    group's communicator (gloo), and is refused where it splits (a device bound to the default group),
+    since the ranks outside the subgroup would never join the split."""
+    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both, in order
+    parent = halves[rank // 2]
+    groups = usp_groups(2, group=parent)
+    assert groups.world_size == 2 and groups.ring_degree == 1 and groups.rank == rank % 2
+    q = torch.randn(1, 2, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(rank // 2))
+    out = usp_attn_func(q, q, q, groups=groups)  # both ranks of a half hold the same q: the same rows
+    assert torch.isfinite(out).all()
+    saved = usp_process_groups._subgroups_split_the_default_group
+    usp_process_groups._subgroups_split_the_default_group = lambda: True
+    try:
+        expect_error(ValueError, "call usp_groups on every rank with group=None", lambda: usp_groups(2, group=parent))
+        assert usp_groups(2).world_size == 4  # the default group itself is fine
+    finally:
+        usp_process_groups._subgroups_split_the_default_group = saved
+    return True
+
+
+@pytest.mark.parametrize("pool", [4], indirect=True)
+def test_usp_groups_inside_a_subgroup(pool):
+    assert pool.run(subgroup_parent_on_rank) == [True] * 4
+
+
 @pytest.mark.parametrize("pool", [4], indirect=True)
 def test_usp_errors_raise_on_every_rank(pool):
     assert pool.run(errors_on_rank) == [True] * 4
@@ -182,7 +209,8 @@ def test_main_job_with_ulysses_groups():
     (["--ulysses-degree", "3"], "must be positive and divide --world-size 4"),
     (["--ulysses-degree", "4", "--heads", "6"], "--heads (6) must be a multiple of it"),
     (["--ulysses-degree", "4", "--kv-heads", "3", "--heads", "12"], "a multiple or a divisor of it"),
-    (["--ulysses-degree", "2", "--seqlen", "6", "--layouts", "zigzag"], "multiple of 2 * (world_size / ulysses_degree) = 4"),
+    (["--ulysses-degree", "2", "--seqlen", "6", "--layouts", "zigzag"],
+     "multiple of 2 * (world_size / ulysses_degree) = 4"),
     (["--ulysses-degree", "2", "--seqlen", "10"], "must be a multiple of ulysses_degree"),
 ])
 def test_main_job_rejects_bad_ulysses_arguments(argv, message, capsys):

@@ -13,6 +13,12 @@ Every rank of `group` calls usp_groups together, with the same ulysses_degree (c
 raises the same error otherwise). Each rank makes only the two process groups it belongs to
 (torch.distributed.new_group with use_local_synchronization), so ranks outside `group` take no
 part. Make the groups once and pass them to every call.
+
+One exception: when the default process group was initialised with a device_id (eager NCCL),
+torch makes every subgroup by splitting the default group's NCCL communicator, a collective that
+every rank of the default group must join. Each rank then splits once for its Ulysses group and
+once for its ring, all in step, only when `group` is the default group itself; for a smaller
+`group` the ranks outside it would never join and the others would hang, so usp_groups refuses it.
 """
 import typing
 
@@ -42,6 +48,10 @@ def usp_groups(ulysses_degree, group=None):
     rank = dist.get_rank(parent)
     if rank < 0:
         raise ValueError("usp_groups: this process is not a member of the process group passed as `group`")
+    if dist.get_world_size(parent) != dist.get_world_size() and _subgroups_split_the_default_group():
+        raise ValueError("usp_groups(group=...): the default process group was initialised with a device_id, so "
+                         "torch makes subgroups by splitting its NCCL communicator, which every rank must join; "
+                         "call usp_groups on every rank with group=None, or initialise without device_id")
     world_size = dist.get_world_size(parent)
     # Agree before making any group: a rank whose degree differs would otherwise wait forever in
     # new_group for peers that form other groups.
@@ -67,3 +77,9 @@ def usp_groups(ulysses_degree, group=None):
     ring_group = dist.new_group(ring_ranks, use_local_synchronization=True)
     return UspGroups(parent, rank, world_size, ulysses_degree, world_size // ulysses_degree,
                      ulysses_group, ulysses_rank, ring_group, ring_rank)
+
+
+def _subgroups_split_the_default_group():
+    """Whether torch.distributed.new_group splits the default group's communicator (it does once a
+    device is bound to the default group: eager NCCL initialisation)."""
+    return getattr(dist.group.WORLD, "bound_device_id", None) is not None
