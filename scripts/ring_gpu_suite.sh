@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # One device call on a machine of several GPUs (nvidia-h200-x2): build the extension in place, run
-# the multi-GPU tests (the NCCL ring, Ulysses x ring, and the ring's stuck-peer watchdog) and the
-# main job (python3 -m ring_attn_ext, as a ring and with every rank in one Ulysses group), then the
-# ring benchmark with ring-flash-attn and yunchang side by side (torchrun, one process per GPU,
-# --usp) and its plot, then GPU timelines of the two configurations furthest from a perfect ring
-# (benchmarks/trace_ring.py); summary last.
+# the multi-GPU tests (the NCCL ring and its stuck-peer watchdog) and the main job
+# (python3 -m ring_attn_ext), then the ring benchmark with ring-flash-attn side by side (torchrun,
+# one process per GPU) and its plot, then GPU timelines of the two configurations furthest from a
+# perfect ring (benchmarks/trace_ring.py); summary last.
 #
 #   bash scripts/ring_gpu_suite.sh [extra bench_ring.py arguments, e.g. --quick or --configs all]
 #
@@ -36,11 +35,9 @@ if build_stage 330 200; then
     run_stage tests_ring "$(stage_limit 150 150)" "$OUT/tests_ring.log" python3 -m pytest -q -rs tests/test_ring_gpu.py \
         tests/test_ring_timeout.py
     run_stage main_job "$(stage_limit 90 120)" "$OUT/main_job.log" python3 -m ring_attn_ext
-    run_stage main_job_usp "$(stage_limit 60 120)" "$OUT/main_job.log" python3 -m ring_attn_ext \
-        --ulysses-degree "$NPROC"
     stamp="$(mktemp)"
     run_stage bench_ring "$(stage_limit 600 150)" "$OUT/bench_ring.log" \
-        python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" benchmarks/bench_ring.py --usp "$@"
+        python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" benchmarks/bench_ring.py "$@"
     copy_new_results "$stamp" "ring_*_w${NPROC}.json"
     # Plots every ring_*_w*.json in benchmarks/results (earlier runs included); its log joins the bench's.
     run_stage plot "$(stage_limit 60 120)" "$OUT/bench_ring.log" python3 benchmarks/plot_ring.py \
@@ -57,7 +54,6 @@ if build_stage 330 200; then
 else
     skip_stage tests_ring "the extension did not build"
     skip_stage main_job "the extension did not build"
-    skip_stage main_job_usp "the extension did not build"
     skip_stage bench_ring "the extension did not build"
     skip_stage trace_causal "the extension did not build"
     skip_stage trace_full "the extension did not build"

@@ -590,7 +590,19 @@ def _nccl_ring_worker(rank, world_size, init_file, head_dim, dtype):
                 _check_nccl_case(rank, make_case(world_size, layout, causal, seqlen_local=130, heads=8, heads_kv=2),
                                  head_dim, dtype, seed)
         _check_nccl_graph_replay(rank, world_size, head_dim, dtype)
+    finally:
+        _ring_cuda.destroy_communicators()  # spawned processes end without running atexit handlers
+        dist.destroy_process_group()
+
+
+def _nccl_usp_worker(rank, world_size, init_file, head_dim, dtype):
+    """usp_attn_func with every rank in one Ulysses group: the exchanges over NCCL."""
+    os.environ.update(MULTICAST_OFF)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method="file://" + init_file, rank=rank, world_size=world_size)
+    try:
         groups = ring_attn_ext.usp_groups(world_size)
+        seed = 40
         for layout in LAYOUTS:
             for heads_kv in (2, 1):  # split over the group; replicated (world_size / heads_kv copies)
                 seed += 1
@@ -598,7 +610,6 @@ def _nccl_ring_worker(rank, world_size, init_file, head_dim, dtype):
                     world_size, layout, True, seqlen_local=129, heads=8, heads_kv=heads_kv), head_dim, dtype, seed,
                     groups)
     finally:
-        _ring_cuda.destroy_communicators()  # spawned processes end without running atexit handlers
         dist.destroy_process_group()
 
 
@@ -699,6 +710,16 @@ def test_nccl_ring_on_two_gpus_matches_full_attention(monkeypatch):
     for name, value in MULTICAST_OFF.items():
         monkeypatch.setenv(name, value)  # inherited by the spawned processes
     _spawn_ranks(_nccl_ring_worker, 2, head_dim, dtype, "the NCCL ring")
+
+
+@requires_cuda_extension
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs (one process per GPU)")
+def test_nccl_usp_on_two_gpus_matches_full_attention(monkeypatch):
+    head_dim, dtype = kernel_config()
+    for name, value in MULTICAST_OFF.items():
+        monkeypatch.setenv(name, value)
+    _spawn_ranks(_nccl_usp_worker, 2, head_dim, dtype, "Ulysses attention over NCCL")
 
 
 # (c) Ulysses x ring on one GPU: two processes share it over gloo. With every rank in one Ulysses
