@@ -306,7 +306,8 @@ def bench_config(torch, ring, args, cfg, ours, rfa, fa2_local, usp_groups, yc_at
             if fn is None:
                 row.update(status="error", error=why)
             else:
-                # ring-flash-attn asserts causal for zigzag and stripe: that is a rejection, not a failure.
+                # ring-flash-attn (and yunchang's copy of its zigzag ring) asserts causal for zigzag and stripe:
+                # that is a rejection, not a failure.
                 rejects_as = AssertionError if impl in ("rfa", "yc_usp") else ()
                 row.update(measure(torch, ring, args, make_step(torch, fn, tensors, mode), rejects_as))
             rows.append(row)

@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 from .masks import band_for
 from .reference import attention_reference
 from .ring_flash_attn import ring_flash_attn_func, stripe_flash_attn_func, zigzag_ring_flash_attn_func
-from .sharding import LAYOUTS, shard, tokens_per_rank
-from .usp_attention import usp_attn_func
+from .sharding import LAYOUTS, ring_size, shard, tokens_per_rank
+from .usp_attention import heads_kv_repeat, usp_attn_func
 from .usp_process_groups import usp_groups
 
 FUNCTIONS = {"ring": ring_flash_attn_func, "zigzag": zigzag_ring_flash_attn_func, "stripe": stripe_flash_attn_func}
@@ -71,11 +71,11 @@ def parse_args(argv):
     if unknown or not args.layouts:
         parser.error(f"--layouts: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
     degree = args.ulysses_degree
-    if degree < 1 or args.world_size % degree != 0:
-        parser.error(f"--ulysses-degree {degree} must be positive and divide --world-size {args.world_size}")
-    if args.heads % degree != 0 or (args.kv_heads % degree != 0 and degree % args.kv_heads != 0):
-        parser.error(f"--ulysses-degree {degree}: --heads ({args.heads}) must be a multiple of it, and --kv-heads "
-                     f"({args.kv_heads}) a multiple or a divisor of it")
+    try:
+        ring_size(args.world_size, degree)
+        heads_kv_repeat(args.heads, args.kv_heads, degree)
+    except ValueError as error:
+        parser.error(f"--ulysses-degree {degree}: {error}")
     for layout in args.layouts:
         try:
             tokens_per_rank(args.seqlen, layout, args.world_size, ulysses_degree=degree)

@@ -37,7 +37,7 @@ def ring_forward_reference(q, k, v, plan, group, softmax_scale):
         for piece in pieces:
             rows, keys = _rows(piece), _keys(piece)
             piece_out, piece_lse = piece_forward(q[:, rows], block_k[:, keys], block_v[:, keys],
-                                                  softmax_scale, piece.key_offset_min, piece.key_offset_max, accum)
+                                                 softmax_scale, piece.key_offset_min, piece.key_offset_max, accum)
             out[:, rows], lse[:, :, rows] = merge_partial(out[:, rows], lse[:, :, rows], piece_out, piece_lse)
         if incoming is not None:
             block_k, block_v = incoming.wait()

@@ -10,7 +10,8 @@ for float64 CPU tensors) are attention over the whole cache, on every rank.
 
 Each rank attends to its own part (CUDA: our kernel into an fp32 (out, lse); other devices: the
 PyTorch reference), then the ranks combine the parts by log-sum-exp with two all-reduces: the
-maximum lse, then the sums of the weighted outputs and of the weights, both in fp32. Reductions
+maximum lse, then the sums of the weighted outputs and of the weights, both in fp32 (float64 for
+float64 CPU tensors). Reductions
 take log(P) steps, where passing the cache around a ring would take P - 1 transfers of it; decoding
 moves only q-sized data, so no K/V leaves its rank.
 

@@ -55,7 +55,7 @@ def usp_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wind
         if shape.seqlen_q != shape.seqlen_k:
             raise ValueError(f"usp attention needs q, k and v shards of the same sequence: q holds {shape.seqlen_q} "
                              f"tokens and k/v hold {shape.seqlen_k}")
-        kv_repeat = _kv_repeat(shape.heads, shape.heads_kv, degree)
+        kv_repeat = heads_kv_repeat(shape.heads, shape.heads_kv, degree)
         if degree > 1 and q.device.type != "cuda" and not backend_supports_cpu(groups.ulysses_group):
             raise ValueError(f"usp attention on {q.device.type} tensors exchanges them over torch.distributed and "
                              "needs process groups with a CPU backend such as gloo")
@@ -84,8 +84,9 @@ def usp_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wind
     return (out, lse, None) if return_attn_probs else out
 
 
-def _kv_repeat(heads, heads_kv, degree):
-    """How many times each k/v head is replicated before the exchange (see the module docstring)."""
+def heads_kv_repeat(heads, heads_kv, degree):
+    """How many times each k/v head is replicated before the exchange (see the module docstring);
+    raises ValueError naming the rule when the head counts do not suit ulysses_degree `degree`."""
     if heads % degree != 0:
         raise ValueError(f"q has {heads} heads, which must be a multiple of ulysses_degree={degree}: each rank of a "
                          "Ulysses group attends with heads / ulysses_degree of them")

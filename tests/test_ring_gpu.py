@@ -705,21 +705,13 @@ def _spawn_ranks(worker, world_size, head_dim, dtype, what, deadline_s=600):
 @requires_cuda_extension
 @pytest.mark.multigpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs (one process per GPU)")
-def test_nccl_ring_on_two_gpus_matches_full_attention(monkeypatch):
+@pytest.mark.parametrize("worker, what", [(_nccl_ring_worker, "the NCCL ring"),
+                                          (_nccl_usp_worker, "Ulysses attention over NCCL")], ids=("ring", "usp"))
+def test_nccl_on_two_gpus_matches_full_attention(monkeypatch, worker, what):
     head_dim, dtype = kernel_config()
     for name, value in MULTICAST_OFF.items():
         monkeypatch.setenv(name, value)  # inherited by the spawned processes
-    _spawn_ranks(_nccl_ring_worker, 2, head_dim, dtype, "the NCCL ring")
-
-
-@requires_cuda_extension
-@pytest.mark.multigpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs (one process per GPU)")
-def test_nccl_usp_on_two_gpus_matches_full_attention(monkeypatch):
-    head_dim, dtype = kernel_config()
-    for name, value in MULTICAST_OFF.items():
-        monkeypatch.setenv(name, value)
-    _spawn_ranks(_nccl_usp_worker, 2, head_dim, dtype, "Ulysses attention over NCCL")
+    _spawn_ranks(worker, 2, head_dim, dtype, what)
 
 
 # (c) Ulysses x ring on one GPU: two processes share it over gloo. With every rank in one Ulysses

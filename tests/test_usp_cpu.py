@@ -206,9 +206,10 @@ def test_main_job_with_ulysses_groups():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ulysses-degree", "3"], "must be positive and divide --world-size 4"),
-    (["--ulysses-degree", "4", "--heads", "6"], "--heads (6) must be a multiple of it"),
-    (["--ulysses-degree", "4", "--kv-heads", "3", "--heads", "12"], "a multiple or a divisor of it"),
+    (["--ulysses-degree", "3"], "--ulysses-degree 3: ulysses_degree (3) must divide world_size (4)"),
+    (["--ulysses-degree", "0"], "--ulysses-degree 0: ulysses_degree must be a positive int"),
+    (["--ulysses-degree", "4", "--heads", "6"], "q has 6 heads, which must be a multiple of ulysses_degree=4"),
+    (["--ulysses-degree", "4", "--kv-heads", "3", "--heads", "12"], "k and v have 3 heads; with ulysses_degree=4"),
     (["--ulysses-degree", "2", "--seqlen", "6", "--layouts", "zigzag"],
      "multiple of 2 * (world_size / ulysses_degree) = 4"),
     (["--ulysses-degree", "2", "--seqlen", "10"], "must be a multiple of ulysses_degree"),
