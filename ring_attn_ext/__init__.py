@@ -5,9 +5,15 @@ Single-device attention: flash_attn_func, flash_attn_kvpacked_func, flash_attn_q
 (low level) and ring-flash-attn's drop-in functions. CPU tensors run the same math through the
 PyTorch reference, so every function also works without a GPU. Ulysses x ring (USP):
 usp_groups and usp_attn_func. Decoding over a key/value cache split across ranks: tree_attn_decode.
+Packed variable-length sequences: flash_attn_varlen_func (and its packed forms) on one device, and
+ring-flash-attn's llama3_flash_attn_varlen_func (all-gathered K/V) across a process group.
 """
 from ._extension import has_extension
 from .flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .flash_attn_varlen_interface import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                          flash_attn_varlen_qkvpacked_func)
+from .llama3_attention import (llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func,
+                               llama3_flash_attn_varlen_kvpacked_func, llama3_flash_attn_varlen_qkvpacked_func)
 from .masks import band_for
 from .reference import attention_reference
 from .ring import backward, forward
@@ -32,8 +38,15 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "forward",
     "has_extension",
+    "llama3_flash_attn_prepare_cu_seqlens",
+    "llama3_flash_attn_varlen_func",
+    "llama3_flash_attn_varlen_kvpacked_func",
+    "llama3_flash_attn_varlen_qkvpacked_func",
     "positions",
     "ring_flash_attn_func",
     "ring_flash_attn_kvpacked_func",

@@ -22,7 +22,7 @@ def _forward(ext, q, k, v, softmax_scale, band):
     return attention_reference(q, k, v, softmax_scale, *band, upcast=True)
 
 
-def _backward(ext, dout, q, k, v, out, lse, softmax_scale, band):
+def attention_backward(ext, dout, q, k, v, out, lse, softmax_scale, band):
     """(dq, dk, dv) in the dtype of q."""
     if ext is not None:
         return ext.bwd(checks.kernel_compatible(dout), q, k, v, out, lse, softmax_scale, *band)
@@ -33,7 +33,7 @@ def _backward(ext, dout, q, k, v, out, lse, softmax_scale, band):
         return torch.autograd.grad(recomputed, leaves, dout)
 
 
-def _prepare(ext, tensors):
+def prepare_for_kernels(ext, tensors):
     """On CUDA, copies only the tensors the kernels cannot read in place."""
     if ext is None:
         return tensors
@@ -46,7 +46,7 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, packing, ext, softmax_scale, band, *tensors):
-        q, k, v = _prepare(ext, unpack(packing, tensors))
+        q, k, v = prepare_for_kernels(ext, unpack(packing, tensors))
         out, lse = _forward(ext, q, k, v, softmax_scale, band)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.packing, ctx.ext, ctx.softmax_scale, ctx.band = packing, ext, softmax_scale, band
@@ -56,7 +56,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, _dlse):
-        dq, dk, dv = _backward(ctx.ext, dout, *ctx.saved_tensors, ctx.softmax_scale, ctx.band)
+        dq, dk, dv = attention_backward(ctx.ext, dout, *ctx.saved_tensors, ctx.softmax_scale, ctx.band)
         return (None, None, None, None, *pack(ctx.packing, dq, dk, dv))
 
 

@@ -31,10 +31,11 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from .collectives import all_gather_single
 from .sharding import LAYOUTS
 
 class Signature(typing.NamedTuple):
-    operation: str                  # "forward", "backward" or "decode" (tree_decode.py)
+    operation: str                  # "forward", "backward", "decode" (tree_decode.py) or "llama3" (llama3_attention.py)
     q_shape: typing.Tuple[int, ...]
     kv_shape: typing.Tuple[int, ...]
     dtype: torch.dtype
@@ -44,13 +45,14 @@ class Signature(typing.NamedTuple):
     window_size: typing.Tuple[int, int]
     softmax_scale: float
     q_start: int = -1               # decode: the global position of the first query; -1 elsewhere
+    heads_k_stride: int = -1        # llama3: k/v heads gathered at a time; -1 elsewhere
 
 
-_OPERATIONS = ("forward", "backward", "decode")
+_OPERATIONS = ("forward", "backward", "decode", "llama3")
 _DEVICE_TYPES = ("cpu", "cuda")
 # Record fields: (name, number of int64 slots). A record starts with a flag: 1 = valid arguments.
 _FIELDS = (("operation", 1), ("q shape", 4), ("k/v shape", 4), ("dtype", 1), ("device type", 1),
-           ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1), ("q_start", 1))
+           ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1), ("q_start", 1), ("heads_k_stride", 1))
 _RECORD_SIZE = 1 + sum(size for _, size in _FIELDS)
 
 
@@ -82,6 +84,11 @@ def backend_supports_cpu(group):
     return "nccl" not in backend or "gloo" in backend
 
 
+def backend_supports_cuda(group):
+    """Whether the group's backend moves CUDA tensors itself (NCCL; "cpu:gloo,cuda:nccl" too)."""
+    return "nccl" in str(dist.get_backend(group)).lower()
+
+
 def _collective_device(group):
     if backend_supports_cpu(group):
         return torch.device("cpu")
@@ -110,7 +117,7 @@ def _all_gather_records(group, world_size, record):
     with torch.cuda.stream(_check_stream(device)):
         local = torch.tensor(record, dtype=torch.int64, device=device)
         gathered = torch.empty(world_size, len(record), dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(gathered, local, group=group)
+        all_gather_single(gathered, local, group=group)
         return [tuple(row) for row in gathered.tolist()]
 
 
@@ -120,11 +127,12 @@ def _encode(signature):
     return [1, _OPERATIONS.index(signature.operation), *signature.q_shape, *signature.kv_shape,
             _dtype_code(signature.dtype), _device_code(signature.device_type), _layout_code(signature.layout),
             int(signature.causal), *signature.window_size,
-            struct.unpack("<q", struct.pack("<d", signature.softmax_scale))[0], signature.q_start]
+            struct.unpack("<q", struct.pack("<d", signature.softmax_scale))[0], signature.q_start,
+            signature.heads_k_stride]
 
 
 def _raise_if_disagreeing(records, operation):
-    what = "tree attention decoding" if operation == "decode" else f"ring attention {operation}"
+    what = _WHAT.get(operation, f"ring attention {operation}")
     rejected = [rank for rank, record in enumerate(records) if record[0] != 1]
     if rejected:
         raise ValueError(f"{what}: rank(s) {rejected} of the process group rejected their "
@@ -138,11 +146,17 @@ def _raise_if_disagreeing(records, operation):
             differences.append(f"{name} ({shown})")
         offset += size
     if differences:
-        rule = ("the same queries and q_start, k/v shards of one cache (any length; the same batch, heads and "
-                "head_dim), and the same dtype, causal and softmax_scale" if operation == "decode" else
-                "local shards of the same shape and dtype and the same layout, causal, window_size and softmax_scale")
+        rule = _RULES.get(operation, "local shards of the same shape and dtype and the same layout, causal, "
+                                     "window_size and softmax_scale")
         raise ValueError(f"{what}: the ranks of the process group disagree on "
                          + "; ".join(differences) + f". Every rank must pass {rule}.")
+
+
+_WHAT = {"decode": "tree attention decoding", "llama3": "llama3 varlen attention"}
+_RULES = {"decode": "the same queries and q_start, k/v shards of one cache (any length; the same batch, heads and "
+                    "head_dim), and the same dtype, causal and softmax_scale",
+          "llama3": "local chunks of the same shape and dtype and the same causal, window_size, softmax_scale and "
+                    "heads_k_stride"}
 
 
 def _device_code(device_type):
@@ -173,7 +187,7 @@ def _decode(name, value):
         return repr(LAYOUTS[value[0]]) if value[0] < len(LAYOUTS) else "none"
     if name == "causal":
         return bool(value[0])
-    if name in ("window_size", "q_start"):
+    if name in ("window_size", "q_start", "heads_k_stride"):
         return tuple(value) if len(value) > 1 else value[0]
     scale = struct.unpack("<d", struct.pack("<q", value[0]))[0]
     return repr(scale) if math.isfinite(scale) else str(scale)

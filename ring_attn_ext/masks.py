@@ -23,8 +23,14 @@ def band_for(seqlen_q, seqlen_k, causal=False, window_size=(-1, -1)):
     """(key_offset_min, key_offset_max) for FlashAttention-2 semantics: causal and window are
     aligned bottom-right (query i sits at key position i + s_k - s_q); causal caps the right side of
     the window at 0."""
+    return band_at_shift(seqlen_k - seqlen_q, causal, window_size)
+
+
+def band_at_shift(shift, causal=False, window_size=(-1, -1)):
+    """The band of causal and window_size for query i sitting at key position i + shift: band_for
+    with an explicit shift, for callers that know where their queries and keys sit (the packed
+    sequences of varlen.py)."""
     left, right = check_window_size(window_size)
-    shift = seqlen_k - seqlen_q
     if causal:
         right = 0 if right < 0 else min(right, 0)
     key_offset_min = None if left < 0 else shift - left

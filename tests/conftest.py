@@ -192,3 +192,48 @@ def kernel_test_band(kind, seqlen_q, seqlen_k):
     if kind == "empty":  # min > max: no key is visible anywhere
         return 5, 2
     raise ValueError(kind)
+
+
+def varlen_mask(bounds_q, bounds_k, causal, window_size, device="cpu"):
+    """(total_q, total_k) bool: visible() within each packed sequence, aligned to the sequence's own
+    bottom-right corner, and nothing across sequences; rows after bounds_q[-1] see nothing."""
+    mask = torch.zeros(bounds_q[-1], bounds_k[-1], dtype=torch.bool, device=device)
+    left, right = window_size
+    for q_begin, q_end, k_begin, k_end in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:]):
+        i = torch.arange(q_end - q_begin, device=device)[:, None]
+        j = torch.arange(k_end - k_begin, device=device)[None, :]
+        diagonal = i + (k_end - k_begin) - (q_end - q_begin)  # the key position of query i
+        seen = torch.ones(i.shape[0], j.shape[1], dtype=torch.bool, device=device)
+        if causal:
+            seen &= j <= diagonal
+        if left >= 0:
+            seen &= j >= diagonal - left
+        if right >= 0:
+            seen &= j <= diagonal + right
+        mask[q_begin:q_end, k_begin:k_end] = seen
+    return mask
+
+
+def packed_attention(q, k, v, mask, softmax_scale=None):
+    """Dense attention over packed rows q (total_q, h, d), k and v (total_k, h_kv, d) under an
+    explicit mask (total_q' <= total_q, total_k) in q's dtype, differentiable: (out (total_q, h, d),
+    lse (h, total_q)). Rows with no visible key, and rows past the mask, give out 0 and lse -inf."""
+    padded = torch.zeros(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device)
+    padded[:mask.shape[0], :mask.shape[1]] = mask
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    scores = (torch.einsum("qhd,khd->hqk", q, k) * scale).masked_fill(~padded, float("-inf"))
+    has_key = padded.any(dim=1)[:, None]
+    # Rows without a key: a softmax over zeros, multiplied by 0, keeps NaN out of out and its gradients.
+    probs = torch.softmax(torch.where(has_key, scores, torch.zeros_like(scores)), dim=-1) * has_key
+    return torch.einsum("hqk,khd->qhd", probs, v), torch.logsumexp(scores, dim=-1)
+
+
+def packed_attention_with_grads(q, k, v, dout, mask, precision):
+    """packed_attention of q, k, v computed in `precision`, with dout backpropagated:
+    (out, lse, [dq, dk, dv]); the inputs themselves stay out of the graph."""
+    leaves = [t.detach().to(precision).requires_grad_() for t in (q, k, v)]
+    out, lse = packed_attention(*leaves, mask)
+    out.backward(dout.to(precision))
+    return out, lse, [t.grad for t in leaves]

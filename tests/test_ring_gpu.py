@@ -12,8 +12,10 @@
 (b) NCCL: one process per GPU (two GPUs or more), through ring_attn_ext.forward/backward,
     every layout; each rank's forward must also equal the loopback ring's bit for bit. Also
     Ulysses x ring attention (usp_attn_func) with every rank in one Ulysses group, k/v heads split
-    and replicated, forward and backward.
-(c) Ulysses x ring on one GPU: two processes over gloo, every rank in one Ulysses group.
+    and replicated, forward and backward; and llama3_flash_attn_varlen_func over packed sequences
+    (K/V all-gathered over NCCL, dK/dV reduce-scattered).
+(c) Ulysses x ring, and llama3_flash_attn_varlen_func, on one GPU: two processes over gloo (for
+    Ulysses every rank in one Ulysses group; llama3 gathers through host copies).
 Both rings are also captured in a CUDA graph and replayed on new inputs.
 
 Accuracy: FlashAttention's rule against an fp32 reference (2x the same-dtype PyTorch error for
@@ -33,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import (GRADIENT_EPS, assert_flash_rule, assert_lse_equal, cuda_kernel_built, max_error,
-                      poison_cuda_allocator, requires_cuda_extension)
+                      packed_attention_with_grads, poison_cuda_allocator, requires_cuda_extension, varlen_mask)
 import ring_attn_ext
 from ring_attn_ext import _ring_cuda
 from ring_attn_ext.masks import band_for
@@ -661,6 +663,65 @@ def _check_usp_case(rank, device, case, head_dim, dtype, seed, groups):
                              f"heads_kv {case.heads_kv}: {error}") from error
 
 
+def _nccl_llama3_worker(rank, world_size, init_file, head_dim, dtype):
+    os.environ.update(MULTICAST_OFF)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method="file://" + init_file, rank=rank, world_size=world_size)
+    try:
+        _check_llama3_cases(rank, world_size, torch.device("cuda", rank), head_dim, dtype)
+    finally:
+        dist.destroy_process_group()
+
+
+# Packed streams of 2 x 300 tokens: a one-token sequence, a sequence across the two chunks, and an
+# equal split.
+LLAMA3_STREAMS = ([0, 1, 100, 350, 351, 600], [0, 300, 600])
+
+
+def _check_llama3_cases(rank, world_size, device, head_dim, dtype):
+    seed = 60
+    for bounds in LLAMA3_STREAMS:
+        for causal, window, heads_kv, stride in ((True, (-1, -1), 2, 1), (False, (-1, -1), 8, 8),
+                                                 (True, (64, 0), 1, 1), (False, (40, 40), 2, 2)):
+            seed += 1
+            _check_llama3_case(rank, world_size, device, head_dim, dtype, seed, bounds, causal, window, heads_kv,
+                               stride)
+
+
+def _check_llama3_case(rank, world_size, device, head_dim, dtype, seed, bounds, causal, window, heads_kv, stride):
+    """llama3_flash_attn_varlen_func forward and backward on this rank's chunk against dense
+    attention over the whole packed stream, by FlashAttention's rule."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total, heads = bounds[-1], 8
+
+    def randn(count):
+        return torch.randn(total, count, head_dim, device=device, dtype=dtype, generator=generator)
+
+    q, k, v, dout = randn(heads), randn(heads_kv), randn(heads_kv), randn(heads)
+    mask = varlen_mask(bounds, bounds, causal, window, device=device)
+
+    ref_out, ref_lse, ref_grads = packed_attention_with_grads(q, k, v, dout, mask, torch.float64)
+    same_out, _, same_grads = packed_attention_with_grads(q, k, v, dout, mask, dtype)
+    chunk = total // world_size
+    rows = slice(rank * chunk, (rank + 1) * chunk)
+    leaves = [t[rows].clone().requires_grad_() for t in (q, k, v)]
+    prepared = ring_attn_ext.llama3_flash_attn_prepare_cu_seqlens(
+        torch.tensor(bounds, dtype=torch.int32, device=device), causal, rank, world_size)
+    poison_cuda_allocator()
+    out, lse, _ = ring_attn_ext.llama3_flash_attn_varlen_func(*leaves, *prepared[:4], stride, prepared[4],
+                                                              causal=causal, window_size=window,
+                                                              return_attn_probs=True)
+    out.backward(dout[rows])
+    what = f"rank {rank}, llama3, cu_seqlens {bounds}, causal={causal}, window {window}, heads_kv {heads_kv}"
+    try:
+        assert_flash_rule(out, ref_out[rows], same_out[rows], 2, "out")
+        assert_lse_equal(lse, ref_lse[:, rows], atol=1e-3)
+        for name, leaf, ref, same in zip(("dq", "dk", "dv"), leaves, ref_grads, same_grads):
+            assert_flash_rule(leaf.grad, ref[rows], same[rows], 3, name, eps=GRADIENT_EPS)
+    except AssertionError as error:
+        raise AssertionError(f"{what}: {error}") from error
+
+
 def _check_nccl_graph_replay(rank, world_size, head_dim, dtype):
     """The NCCL ring captured in a CUDA graph (NCCL send/recv are capturable) and replayed on new
     inputs gives what an eager run gives. The Python entry points' cross-rank check is left out:
@@ -706,7 +767,9 @@ def _spawn_ranks(worker, world_size, head_dim, dtype, what, deadline_s=600):
 @pytest.mark.multigpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs (one process per GPU)")
 @pytest.mark.parametrize("worker, what", [(_nccl_ring_worker, "the NCCL ring"),
-                                          (_nccl_usp_worker, "Ulysses attention over NCCL")], ids=("ring", "usp"))
+                                          (_nccl_usp_worker, "Ulysses attention over NCCL"),
+                                          (_nccl_llama3_worker, "llama3 varlen attention over NCCL")],
+                         ids=("ring", "usp", "llama3"))
 def test_nccl_on_two_gpus_matches_full_attention(monkeypatch, worker, what):
     head_dim, dtype = kernel_config()
     for name, value in MULTICAST_OFF.items():
@@ -739,3 +802,18 @@ def _gloo_usp_worker(rank, world_size, init_file, head_dim, dtype):
 def test_usp_on_one_gpu_over_gloo_matches_full_attention():
     head_dim, dtype = kernel_config()
     _spawn_ranks(_gloo_usp_worker, 2, head_dim, dtype, "Ulysses attention over gloo")
+
+
+def _gloo_llama3_worker(rank, world_size, init_file, head_dim, dtype):
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world_size)
+    try:
+        _check_llama3_cases(rank, world_size, torch.device("cuda", 0), head_dim, dtype)
+    finally:
+        dist.destroy_process_group()
+
+
+@requires_cuda_extension
+def test_llama3_on_one_gpu_over_gloo_matches_full_attention():
+    head_dim, dtype = kernel_config()
+    _spawn_ranks(_gloo_llama3_worker, 2, head_dim, dtype, "llama3 varlen attention over gloo")

@@ -1,0 +1,153 @@
+"""Attention over packed variable-length sequences (FlashAttention-2's cu_seqlens convention).
+
+Sequences of different lengths lie back to back along one token dimension: q (total_q, h, d), k
+and v (total_k, h_kv, d). Sequence i holds queries cu_seqlens_q[i] : cu_seqlens_q[i + 1] and keys
+cu_seqlens_k[i] : cu_seqlens_k[i + 1], and its queries see its own keys only. out (total_q, h, d)
+is in q's dtype and lse (h, total_q) in fp32 (float64 for float64 tensors off CUDA), the layout of
+flash-attn's varlen functions. Query rows that belong to no sequence (padding after
+cu_seqlens_q[-1]) get out 0, lse -inf and gradient 0.
+
+Each sequence runs on views of the packed tensors with a batch of one: through our CUDA kernels
+(ring_attn_ext._C.fwd / bwd) for CUDA tensors, through the PyTorch reference elsewhere. That is
+one kernel launch per sequence, so many short sequences leave a large GPU underused; a kernel that
+walks cu_seqlens itself is not written yet.
+"""
+import numbers
+import typing
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .flash_attn_interface import attention_backward, prepare_for_kernels
+from .packing import pack, unpack
+from .ring_reference import accumulation_dtype, piece_forward
+
+
+class Sequence(typing.NamedTuple):
+    """One packed sequence: its query rows, its key rows, and the band (masks.py) of key offsets
+    j - i its queries see within it."""
+    queries: slice
+    keys: slice
+    band: typing.Tuple[typing.Optional[int], typing.Optional[int]]
+
+
+def check_cu_seqlens(cu_seqlens, name, total):
+    """The boundaries of cu_seqlens as a list of ints (one copy to the host): a 1-D int32 or int64
+    tensor that starts at 0, never decreases and ends at most at `total`, the rows of the packed
+    tensor it describes (None: no such bound)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 entries (0, then the end of each sequence), got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 (or int64), got {cu_seqlens.dtype}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {bounds[0]}")
+    for index, (begin, end) in enumerate(zip(bounds, bounds[1:])):
+        if end < begin:
+            raise ValueError(f"{name} must never decrease: sequence {index} would have length {end - begin}")
+    if total is not None and bounds[-1] > total:
+        raise ValueError(f"{name} ends at {bounds[-1]}, past the {total} rows of the packed tensor it describes")
+    return bounds
+
+
+def check_max_seqlen(max_seqlen, name, bounds, cu_name):
+    """max_seqlen must be an int no smaller than the longest sequence of `bounds`: flash-attn sizes
+    its grid by it and would leave the rows beyond it unwritten without a word."""
+    if isinstance(max_seqlen, torch.Tensor) and max_seqlen.dim() == 0 and not max_seqlen.is_floating_point():
+        max_seqlen = max_seqlen.item()
+    if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool):
+        raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
+    longest = max(end - begin for begin, end in zip(bounds, bounds[1:]))
+    if max_seqlen < longest:
+        raise ValueError(f"{name} ({max_seqlen}) is smaller than the longest sequence of {cu_name} ({longest})")
+
+
+def check_packed_tensors(tensors, names):
+    """q (total_q, h, d), k and v (total_k, h_kv, d): three dimensions each; the rest of the rules
+    are checks.check_qkv's, which the caller applies to the unsqueezed tensors."""
+    for t, name in zip(tensors, names):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have 3 dimensions (total_tokens, heads, head_dim) for packed "
+                             f"variable-length sequences, got shape {tuple(t.shape)}")
+
+
+def check_packed_form(t, name, count, what):
+    """A packed tensor (total, count, heads, d): kv with count 2 or qkv with count 3."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4 or t.shape[1] != count:
+        raise ValueError(f"{name} must have shape (total_tokens, {count}, heads, head_dim) holding {what}, "
+                         f"got shape {tuple(t.shape)}")
+
+
+def _one(t, rows):
+    """Rows of a packed (total, h, d) tensor as a (1, rows, h, d) view."""
+    return t[rows].unsqueeze(0)
+
+
+def varlen_forward(ext, q, k, v, sequences, softmax_scale, out, lse):
+    """Writes each sequence's attention into out (total_q, h, d) and lse (h, total_q), views the
+    caller owns; rows of no sequence keep what they hold (the caller fills them with 0 and -inf)."""
+    accum = accumulation_dtype(q.dtype)
+    for sequence in sequences:
+        rows, keys = sequence.queries, sequence.keys
+        if rows.stop == rows.start or keys.stop == keys.start:
+            continue  # no queries, or no keys to see: the caller's 0 and -inf stand
+        if ext is not None:
+            seq_out, seq_lse = ext.fwd(_one(q, rows), _one(k, keys), _one(v, keys), softmax_scale, *sequence.band)
+        else:
+            seq_out, seq_lse = piece_forward(_one(q, rows), _one(k, keys), _one(v, keys), softmax_scale,
+                                             *sequence.band, accum)
+        out[rows] = seq_out[0]
+        lse[:, rows] = seq_lse[0]
+
+
+def varlen_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, dk, dv):
+    """Writes each sequence's gradients into dq (total_q, h, d), dk and dv (total_k, h_kv, d),
+    views the caller owns, filled with zeros (rows of no sequence keep them)."""
+    for sequence in sequences:
+        rows, keys = sequence.queries, sequence.keys
+        if rows.stop == rows.start or keys.stop == keys.start:
+            continue
+        grads = attention_backward(ext, _one(dout, rows), _one(q, rows), _one(k, keys), _one(v, keys),
+                                   _one(out, rows), lse[:, rows].unsqueeze(0).contiguous(), softmax_scale,
+                                   sequence.band)
+        for destination, grad, span in zip((dq, dk, dv), grads, (rows, keys, keys)):
+            destination[span] = grad[0]
+
+
+def empty_result(q, heads):
+    """out zeros (total_q, heads, d) like q, lse -inf (heads, total_q) in the accumulation dtype."""
+    total, _, head_dim = q.shape
+    out = torch.zeros(total, heads, head_dim, dtype=q.dtype, device=q.device)
+    lse = torch.full((heads, total), float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
+    return out, lse
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    """apply(packing, ext, softmax_scale, sequences, *tensors) -> (out, lse); lse is not
+    differentiable. tensors are (q, k, v), (q, kv) or (qkv,) packed along dimension 1 as `packing`
+    says; the gradients come back the same way."""
+
+    @staticmethod
+    def forward(ctx, packing, ext, softmax_scale, sequences, *tensors):
+        q, k, v = prepare_for_kernels(ext, unpack(packing, tensors, dim=1))
+        out, lse = empty_result(q, q.shape[1])
+        varlen_forward(ext, q, k, v, sequences, softmax_scale, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.packing, ctx.ext, ctx.softmax_scale, ctx.sequences = packing, ext, softmax_scale, sequences
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        varlen_backward(ctx.ext, dout, q, k, v, out, lse, ctx.sequences, ctx.softmax_scale, dq, dk, dv)
+        return (None, None, None, None, *pack(ctx.packing, dq, dk, dv, dim=1))

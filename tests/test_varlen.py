@@ -1,0 +1,167 @@
+"""flash_attn_varlen_func and its packed forms (varlen.py, flash_attn_varlen_interface.py) against a
+dense attention over the packed rows under an explicit per-sequence mask (conftest's varlen_mask):
+CPU float64 end to end, and CUDA by FlashAttention's error rule. Forward, lse and gradients; empty
+sequences, sequences without keys, padding rows past cu_seqlens_q[-1], GQA, windows, the errors."""
+import pytest
+import torch
+
+from conftest import (GRADIENT_EPS, assert_flash_rule, assert_lse_equal, packed_attention,
+                      packed_attention_with_grads, poison_cuda_allocator, requires_cuda_extension, skip_unless_built,
+                      varlen_mask)
+from ring_attn_ext import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
+
+ATOL = 1e-11  # float64 end to end
+
+# (cu_seqlens_q, total_q, cu_seqlens_k, total_k): sequences with fewer and more queries than keys,
+# an empty one, one whose queries have no key, and two padding rows after the last sequence.
+UNEVEN = ([0, 3, 3, 10, 17], 19, [0, 5, 7, 7, 20], 20)
+SELF = ([0, 1, 6, 6, 14, 23], 23, [0, 1, 6, 6, 14, 23], 23)  # q and k alike (self-attention, qkvpacked)
+
+
+def run_varlen(packing, q, k, v, cu_q, cu_k, max_q, max_k, **options):
+    """(out, lse) through the function of `packing`; gradients reach q, k, v's leaves."""
+    if packing == "separate":
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, return_attn_probs=True, **options)
+    elif packing == "kvpacked":
+        out, lse, _ = flash_attn_varlen_kvpacked_func(q, torch.stack((k, v), dim=1), cu_q, cu_k, max_q, max_k,
+                                                      return_attn_probs=True, **options)
+    else:
+        assert torch.equal(cu_q, cu_k)
+        out, lse, _ = flash_attn_varlen_qkvpacked_func(torch.stack((q, k, v), dim=1), cu_q, max_q,
+                                                       return_attn_probs=True, **options)
+    return out, lse
+
+
+def lengths_max(bounds):
+    return max(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+CPU_CASES = [
+    # (layout of sequences, packing, causal, window_size, heads, heads_kv, softmax_scale)
+    (UNEVEN, "separate", False, (-1, -1), 4, 4, None),
+    (UNEVEN, "separate", True, (-1, -1), 4, 2, None),
+    (UNEVEN, "separate", True, (3, -1), 4, 1, 0.3),
+    (UNEVEN, "kvpacked", False, (2, 1), 4, 2, None),
+    (UNEVEN, "kvpacked", True, (-1, -1), 2, 2, None),
+    (SELF, "qkvpacked", True, (-1, -1), 3, 3, None),
+    (SELF, "qkvpacked", False, (1, 2), 3, 3, 0.5),
+    (SELF, "separate", True, (4, 0), 6, 3, None),
+]
+
+
+@pytest.mark.parametrize("sequences, packing, causal, window_size, heads, heads_kv, softmax_scale", CPU_CASES)
+def test_varlen_matches_dense_attention_on_cpu(sequences, packing, causal, window_size, heads, heads_kv,
+                                               softmax_scale):
+    bounds_q, total_q, bounds_k, total_k = sequences
+    generator = torch.Generator().manual_seed(len(bounds_q) * 7 + heads_kv)
+
+    def randn(rows, count):
+        return torch.randn(rows, count, 8, dtype=torch.float64, generator=generator)
+
+    q, k, v = randn(total_q, heads), randn(total_k, heads_kv), randn(total_k, heads_kv)
+    dout = randn(total_q, heads)
+    cu_q, cu_k = torch.tensor(bounds_q, dtype=torch.int32), torch.tensor(bounds_k, dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = run_varlen(packing, *leaves, cu_q, cu_k, lengths_max(bounds_q) + 1, lengths_max(bounds_k),
+                          causal=causal, window_size=window_size, softmax_scale=softmax_scale)
+    out.backward(dout)
+
+    oracle_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    mask = varlen_mask(bounds_q, bounds_k, causal, window_size)
+    ref_out, ref_lse = packed_attention(*oracle_leaves, mask, softmax_scale)
+    ref_out.backward(dout)
+    assert lse.dtype == torch.float64 and lse.shape == (heads, total_q)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "rows without keys differ"
+    finite = ~torch.isneginf(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() <= ATOL
+    for name, actual, expected in (("out", out, ref_out), ("dq", leaves[0].grad, oracle_leaves[0].grad),
+                                   ("dk", leaves[1].grad, oracle_leaves[1].grad),
+                                   ("dv", leaves[2].grad, oracle_leaves[2].grad)):
+        error = (actual - expected).abs().max().item()
+        assert error <= ATOL, f"{name}: max error {error:.3g}"
+    assert not out[bounds_q[-1]:].any() and not leaves[0].grad[bounds_q[-1]:].any(), "padding rows must stay 0"
+
+
+def test_varlen_returns_out_alone_by_default():
+    q = torch.randn(5, 2, 8)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    out = flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, causal=True)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+
+
+def bad_varlen_calls():
+    q, k = torch.randn(6, 2, 8), torch.randn(6, 1, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    return [
+        (ValueError, "q must have 3 dimensions (total_tokens, heads, head_dim)",
+         lambda: flash_attn_varlen_func(q[None], k, k, cu, cu, 4, 4)),
+        (TypeError, "cu_seqlens_q must be int32 (or int64)",
+         lambda: flash_attn_varlen_func(q, k, k, cu.float(), cu, 4, 4)),
+        (ValueError, "cu_seqlens_k must start at 0",
+         lambda: flash_attn_varlen_func(q, k, k, cu, cu + 1, 4, 4)),
+        (ValueError, "cu_seqlens_q must never decrease: sequence 1",
+         lambda: flash_attn_varlen_func(q, k, k, torch.tensor([0, 4, 2]), cu, 4, 4)),
+        (ValueError, "cu_seqlens_k ends at 7, past the 6 rows",
+         lambda: flash_attn_varlen_func(q, k, k, cu, torch.tensor([0, 2, 7]), 4, 5)),
+        (ValueError, "max_seqlen_q (3) is smaller than the longest sequence of cu_seqlens_q (4)",
+         lambda: flash_attn_varlen_func(q, k, k, cu, cu, 3, 4)),
+        (TypeError, "max_seqlen_k must be an int", lambda: flash_attn_varlen_func(q, k, k, cu, cu, 4, 4.0)),
+        (ValueError, "cu_seqlens_q and cu_seqlens_k must describe the same number of sequences",
+         lambda: flash_attn_varlen_func(q, k, k, cu, torch.tensor([0, 6]), 4, 6)),
+        (ValueError, "must divide the number of heads",
+         lambda: flash_attn_varlen_func(torch.randn(6, 3, 8), k.expand(6, 2, 8), k.expand(6, 2, 8), cu, cu, 4, 4)),
+        (NotImplementedError, "block_table", lambda: flash_attn_varlen_func(q, k, k, cu, cu, 4, 4, block_table=cu)),
+        (NotImplementedError, "dropout_p", lambda: flash_attn_varlen_func(q, k, k, cu, cu, 4, 4, dropout_p=0.1)),
+        (ValueError, "kv must have shape (total_tokens, 2, heads, head_dim)",
+         lambda: flash_attn_varlen_kvpacked_func(q, k, cu, cu, 4, 4)),
+        (ValueError, "max_seqlen (2) is smaller than the longest sequence of cu_seqlens (4)",
+         lambda: flash_attn_varlen_qkvpacked_func(torch.stack((q, q, q), dim=1), cu, 2)),
+    ]
+
+
+@pytest.mark.parametrize("error_type, fragment, call", bad_varlen_calls())
+def test_varlen_rejects_bad_arguments(error_type, fragment, call):
+    with pytest.raises(error_type) as raised:
+        call()
+    assert fragment in str(raised.value)
+
+
+# On CUDA: our kernels once per sequence, by FlashAttention's rule (2x the same-dtype error for out,
+# 3x for gradients) against the float64 dense attention.
+GPU_SEQUENCES = [
+    ([0, 1, 18, 145, 145, 400, 657], 660, [0, 1, 30, 145, 200, 400, 657], 657),
+    ([0, 128, 256, 384], 384, [0, 128, 256, 384], 384),
+]
+
+
+@requires_cuda_extension
+@pytest.mark.usefixtures("exact_fp32_matmul")
+@pytest.mark.parametrize("head_dim", [64, 128, 32, 96, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sequences", GPU_SEQUENCES, ids=("uneven", "equal"))
+@pytest.mark.parametrize("causal, window_size, heads_kv", [(False, (-1, -1), 8), (True, (-1, -1), 2),
+                                                           (True, (100, 0), 1), (False, (64, 64), 2)])
+def test_varlen_cuda_matches_dense_attention(head_dim, dtype, sequences, causal, window_size, heads_kv):
+    skip_unless_built(head_dim, dtype, backward=True)
+    bounds_q, total_q, bounds_k, total_k = sequences
+    generator = torch.Generator(device="cuda").manual_seed(head_dim + heads_kv)
+
+    def randn(rows, count):
+        return torch.randn(rows, count, head_dim, device="cuda", dtype=dtype, generator=generator)
+
+    q, k, v, dout = randn(total_q, 8), randn(total_k, heads_kv), randn(total_k, heads_kv), randn(total_q, 8)
+    cu_q = torch.tensor(bounds_q, dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor(bounds_k, dtype=torch.int32, device="cuda")
+    mask = varlen_mask(bounds_q, bounds_k, causal, window_size, device="cuda")
+
+    ref_out, ref_lse, ref_grads = packed_attention_with_grads(q, k, v, dout, mask, torch.float64)
+    same_out, _, same_grads = packed_attention_with_grads(q, k, v, dout, mask, dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    poison_cuda_allocator()
+    out, lse, _ = flash_attn_varlen_func(*leaves, cu_q, cu_k, lengths_max(bounds_q), lengths_max(bounds_k),
+                                         causal=causal, window_size=window_size, return_attn_probs=True)
+    out.backward(dout)
+    assert_flash_rule(out, ref_out, same_out, 2, "out")
+    assert_lse_equal(lse, ref_lse, atol=1e-3)
+    for name, leaf, ref, same in zip(("dq", "dk", "dv"), leaves, ref_grads, same_grads):
+        assert_flash_rule(leaf.grad, ref, same, 3, name, eps=GRADIENT_EPS)
