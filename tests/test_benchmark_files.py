@@ -1,5 +1,6 @@
 """Benchmark scripts' logic that runs on CPU: which result files the ring plot picks up by default,
-how the ring benchmark rates and tabulates its rows, and how the ring trace splits a timeline."""
+how the ring and varlen benchmarks rate and tabulate their rows, how the varlen benchmark cuts its
+packed streams, and how the ring trace splits a timeline."""
 import os
 import sys
 
@@ -7,6 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_ring  # noqa: E402  (benchmarks/ is not a package)
+import bench_varlen  # noqa: E402
 import plot_ring  # noqa: E402
 import trace_ring  # noqa: E402
 
@@ -37,6 +39,32 @@ def test_ring_bench_rates_ulysses_rows_against_each_ones_own_kernel():
     assert header.split()[-4:] == ["ours", "ulysses", "yc", "ulysses"]
     assert line.endswith("270.0 ( 90%)    240.0 ( 80%)"), line
     assert "ulysses" not in bench_ring.format_table(rows, ["zigzag"])
+
+
+def test_varlen_bench_cuts_streams_within_the_length_range():
+    for seed in range(20):
+        bounds = bench_varlen.sequence_bounds(32768, 128, 1024, seed)
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        assert bounds[0] == 0 and bounds[-1] == 32768
+        assert all(128 <= n <= 1024 for n in lengths[:-1]) and 1 <= lengths[-1] <= 1024
+    assert bench_varlen.sequence_bounds(100, 7, 30, 3) == bench_varlen.sequence_bounds(100, 7, 30, 3)
+
+
+def test_varlen_bench_rates_llama3_rows_against_one_gpu_on_the_whole_stream():
+    def row(impl, iter_s, mode="fwd", status="ok"):
+        return {"config": "long_s16k_kv8", "sequences": 5, "mode": mode, "impl": impl, "iter_s": iter_s,
+                "status": status}
+
+    rows = [row("ours_1gpu", 100.0), row("fa2_1gpu", 80.0), row("ours", 45.0), row("rfa", 36.0),
+            row("ours_1gpu", 30.0, "fwd_bwd"), row("rfa", 0.0, "fwd_bwd", "error")]
+    bench_varlen.add_efficiency(rows, world=2)
+    assert rows[2]["efficiency"] == 45.0 / 50.0 and rows[2]["efficiency_own_kernel"] == 45.0 / 50.0
+    assert rows[3]["efficiency"] == 36.0 / 50.0 and rows[3]["efficiency_own_kernel"] == 36.0 / 40.0
+    assert "efficiency" not in rows[0] and "efficiency" not in rows[5]
+    header, _, fwd, fwd_bwd = bench_varlen.format_table(rows).split("\n")
+    assert header.split()[-4:] == ["ours", "llama3", "rfa", "llama3"]
+    assert fwd.endswith("45.0 ( 90%)     36.0 ( 72%)"), fwd
+    assert fwd_bwd.split()[-3:] == ["-", "-", "error"], fwd_bwd
 
 
 ATTENTION = "void ring_attn::flash_bwd_kernel<ring_attn::BwdTraits<bfloat16_t, 128>, false>(ring_attn::BwdParams)"
