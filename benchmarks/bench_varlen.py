@@ -161,9 +161,11 @@ def torch_varlen_kernels(torch):
 
 
 def give_rfa_varlen_kernels(rfa, forward, backward):
-    """ring-flash-attn's llama3 module imported flash-attn's varlen functions by name at import."""
-    module = sys.modules[rfa.llama3_flash_attn_varlen_func.__module__]
-    module._flash_attn_varlen_forward, module._flash_attn_varlen_backward = forward, backward
+    """ring-flash-attn's varlen modules (llama3, ring, zigzag) imported flash-attn's varlen
+    functions by name at import: each gets these instead."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith(rfa.__name__ + ".") and hasattr(module, "_flash_attn_varlen_forward"):
+            module._flash_attn_varlen_forward, module._flash_attn_varlen_backward = forward, backward
 
 
 def bench_config(torch, ring, args, cfg, rfa, torch_attention):

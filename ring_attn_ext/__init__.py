@@ -6,7 +6,8 @@ Single-device attention: flash_attn_func, flash_attn_kvpacked_func, flash_attn_q
 PyTorch reference, so every function also works without a GPU. Ulysses x ring (USP):
 usp_groups and usp_attn_func. Decoding over a key/value cache split across ranks: tree_attn_decode.
 Packed variable-length sequences: flash_attn_varlen_func (and its packed forms) on one device, and
-ring-flash-attn's llama3_flash_attn_varlen_func (all-gathered K/V) across a process group.
+ring-flash-attn's llama3_flash_attn_varlen_func, ring_flash_attn_varlen_func and
+zigzag_ring_flash_attn_varlen_func (all-gathered K/V) across a process group.
 """
 from ._extension import has_extension
 from .flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
@@ -25,6 +26,10 @@ from .ring_plan import Piece, build_plan
 from .sharding import LAYOUTS, positions, shard, unshard
 from .tree_decode import tree_attn_decode
 from .usp_attention import usp_attn_func
+from .varlen_ring_attention import (ring_flash_attn_varlen_func, ring_flash_attn_varlen_kvpacked_func,
+                                    ring_flash_attn_varlen_qkvpacked_func, zigzag_ring_flash_attn_varlen_func,
+                                    zigzag_ring_flash_attn_varlen_kvpacked_func,
+                                    zigzag_ring_flash_attn_varlen_qkvpacked_func)
 from .usp_process_groups import UspGroups, usp_groups
 
 __all__ = [
@@ -51,6 +56,9 @@ __all__ = [
     "ring_flash_attn_func",
     "ring_flash_attn_kvpacked_func",
     "ring_flash_attn_qkvpacked_func",
+    "ring_flash_attn_varlen_func",
+    "ring_flash_attn_varlen_kvpacked_func",
+    "ring_flash_attn_varlen_qkvpacked_func",
     "shard",
     "stripe_flash_attn_func",
     "stripe_flash_attn_kvpacked_func",
@@ -62,4 +70,7 @@ __all__ = [
     "zigzag_ring_flash_attn_func",
     "zigzag_ring_flash_attn_kvpacked_func",
     "zigzag_ring_flash_attn_qkvpacked_func",
+    "zigzag_ring_flash_attn_varlen_func",
+    "zigzag_ring_flash_attn_varlen_kvpacked_func",
+    "zigzag_ring_flash_attn_varlen_qkvpacked_func",
 ]

@@ -11,11 +11,9 @@ import torch
 from . import checks
 from .masks import band_for
 from .packing import KV_PACKED, QKV_PACKED, SEPARATE
-from .varlen import (Sequence, VarlenAttentionFunction, check_cu_seqlens, check_max_seqlen, check_packed_form,
-                     check_packed_tensors)
+from .varlen import (PACKED_NAMES, Sequence, VarlenAttentionFunction, check_cu_seqlens, check_max_seqlen,
+                     check_packed_form, check_packed_tensors)
 
-_NAMES = {SEPARATE: ("q", "k", "v"), KV_PACKED: ("q", "kv[:, 0]", "kv[:, 1]"),
-          QKV_PACKED: ("qkv[:, 0]", "qkv[:, 1]", "qkv[:, 2]")}
 # The names of (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) in each form's signature.
 _CU_NAMES = {SEPARATE: ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"),
              KV_PACKED: ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"),
@@ -26,7 +24,7 @@ def _validate(what, packing, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
               softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
               block_table):
     """Checks everything before any work; returns (ext or None, softmax_scale, sequences)."""
-    names = _NAMES[packing]
+    names = PACKED_NAMES[packing]
     check_packed_tensors((q, k, v), names)
     shape = checks.check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), names)
     softmax_scale, window = checks.check_options(shape.head_dim, dropout_p, softmax_scale, causal, window_size,

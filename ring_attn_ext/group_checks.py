@@ -35,7 +35,8 @@ from .collectives import all_gather_single
 from .sharding import LAYOUTS
 
 class Signature(typing.NamedTuple):
-    operation: str                  # "forward", "backward", "decode" (tree_decode.py) or "llama3" (llama3_attention.py)
+    operation: str                  # "forward", "backward", "decode" (tree_decode.py), "llama3" (llama3_attention.py)
+                                    # or "varlen" (varlen_ring_attention.py)
     q_shape: typing.Tuple[int, ...]
     kv_shape: typing.Tuple[int, ...]
     dtype: torch.dtype
@@ -45,14 +46,16 @@ class Signature(typing.NamedTuple):
     window_size: typing.Tuple[int, int]
     softmax_scale: float
     q_start: int = -1               # decode: the global position of the first query; -1 elsewhere
-    heads_k_stride: int = -1        # llama3: k/v heads gathered at a time; -1 elsewhere
+    heads_k_stride: int = -1        # llama3, varlen: k/v heads gathered at a time; -1 elsewhere
+    cu_seqlens_crc: int = -1        # varlen: a checksum of cu_seqlens, which every rank must share; -1 elsewhere
 
 
-_OPERATIONS = ("forward", "backward", "decode", "llama3")
+_OPERATIONS = ("forward", "backward", "decode", "llama3", "varlen")
 _DEVICE_TYPES = ("cpu", "cuda")
 # Record fields: (name, number of int64 slots). A record starts with a flag: 1 = valid arguments.
 _FIELDS = (("operation", 1), ("q shape", 4), ("k/v shape", 4), ("dtype", 1), ("device type", 1),
-           ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1), ("q_start", 1), ("heads_k_stride", 1))
+           ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1), ("q_start", 1), ("heads_k_stride", 1),
+           ("cu_seqlens", 1))
 _RECORD_SIZE = 1 + sum(size for _, size in _FIELDS)
 
 
@@ -128,7 +131,7 @@ def _encode(signature):
             _dtype_code(signature.dtype), _device_code(signature.device_type), _layout_code(signature.layout),
             int(signature.causal), *signature.window_size,
             struct.unpack("<q", struct.pack("<d", signature.softmax_scale))[0], signature.q_start,
-            signature.heads_k_stride]
+            signature.heads_k_stride, signature.cu_seqlens_crc]
 
 
 def _raise_if_disagreeing(records, operation):
@@ -152,11 +155,14 @@ def _raise_if_disagreeing(records, operation):
                          + "; ".join(differences) + f". Every rank must pass {rule}.")
 
 
-_WHAT = {"decode": "tree attention decoding", "llama3": "llama3 varlen attention"}
+_WHAT = {"decode": "tree attention decoding", "llama3": "llama3 varlen attention",
+         "varlen": "varlen ring attention"}
 _RULES = {"decode": "the same queries and q_start, k/v shards of one cache (any length; the same batch, heads and "
                     "head_dim), and the same dtype, causal and softmax_scale",
           "llama3": "local chunks of the same shape and dtype and the same causal, window_size, softmax_scale and "
-                    "heads_k_stride"}
+                    "heads_k_stride",
+          "varlen": "local shards of the same shape and dtype and the same cu_seqlens, layout, causal, window_size, "
+                    "softmax_scale and heads_k_stride"}
 
 
 def _device_code(device_type):
@@ -189,5 +195,7 @@ def _decode(name, value):
         return bool(value[0])
     if name in ("window_size", "q_start", "heads_k_stride"):
         return tuple(value) if len(value) > 1 else value[0]
+    if name == "cu_seqlens":
+        return f"checksum {value[0]:#x}"
     scale = struct.unpack("<d", struct.pack("<q", value[0]))[0]
     return repr(scale) if math.isfinite(scale) else str(scale)

@@ -19,8 +19,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .flash_attn_interface import attention_backward, prepare_for_kernels
-from .packing import pack, unpack
+from .packing import KV_PACKED, QKV_PACKED, SEPARATE, pack, unpack
 from .ring_reference import accumulation_dtype, piece_forward
+
+
+# How each packing names q, k and v (views along dimension 1) in error messages.
+PACKED_NAMES = {SEPARATE: ("q", "k", "v"), KV_PACKED: ("q", "kv[:, 0]", "kv[:, 1]"),
+                QKV_PACKED: ("qkv[:, 0]", "qkv[:, 1]", "qkv[:, 2]")}
 
 
 class Sequence(typing.NamedTuple):
@@ -108,8 +113,10 @@ def varlen_forward(ext, q, k, v, sequences, softmax_scale, out, lse):
 
 
 def varlen_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, dk, dv):
-    """Writes each sequence's gradients into dq (total_q, h, d), dk and dv (total_k, h_kv, d),
-    views the caller owns, filled with zeros (rows of no sequence keep them)."""
+    """Adds each sequence's gradients into dq (total_q, h, d), dk and dv (total_k, h_kv, d), views
+    the caller owns, filled with zeros (rows of no sequence keep them). Several entries of
+    `sequences` may share keys (the runs of one sequence's queries in the zigzag layout): their dK/dV
+    add up."""
     for sequence in sequences:
         rows, keys = sequence.queries, sequence.keys
         if rows.stop == rows.start or keys.stop == keys.start:
@@ -118,7 +125,7 @@ def varlen_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, 
                                    _one(out, rows), lse[:, rows].unsqueeze(0).contiguous(), softmax_scale,
                                    sequence.band)
         for destination, grad, span in zip((dq, dk, dv), grads, (rows, keys, keys)):
-            destination[span] = grad[0]
+            destination[span] += grad[0]
 
 
 def empty_result(q, heads):

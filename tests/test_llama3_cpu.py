@@ -108,7 +108,13 @@ def check_case(rank, world_size, case, chunk, seed):
     out, lse, _ = run_llama3(packing, *leaves, prepared, stride, causal=causal, window_size=window,
                              softmax_scale=scale)
     out.backward(dout[rows])
-    what = f"rank {rank}, cu_seqlens {bounds}, {case}"
+    assert_rows_match(f"rank {rank}, cu_seqlens {bounds}, {case}", rows, out, lse, leaves, ref_out, ref_lse,
+                      oracle_leaves)
+
+
+def assert_rows_match(what, rows, out, lse, leaves, ref_out, ref_lse, oracle_leaves):
+    """This rank's out, lse and the gradients of its leaves equal the oracle's at `rows` (a slice
+    or an index of the global rows)."""
     try:
         assert_close("out", out, ref_out[rows])
         assert_close("lse", lse, ref_lse[:, rows])

@@ -12,10 +12,11 @@
 (b) NCCL: one process per GPU (two GPUs or more), through ring_attn_ext.forward/backward,
     every layout; each rank's forward must also equal the loopback ring's bit for bit. Also
     Ulysses x ring attention (usp_attn_func) with every rank in one Ulysses group, k/v heads split
-    and replicated, forward and backward; and llama3_flash_attn_varlen_func over packed sequences
-    (K/V all-gathered over NCCL, dK/dV reduce-scattered).
-(c) Ulysses x ring, and llama3_flash_attn_varlen_func, on one GPU: two processes over gloo (for
-    Ulysses every rank in one Ulysses group; llama3 gathers through host copies).
+    and replicated, forward and backward; and the packed-sequence functions across ranks
+    (llama3_flash_attn_varlen_func, ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_func:
+    K/V all-gathered over NCCL, dK/dV reduce-scattered).
+(c) Ulysses x ring, and the packed-sequence functions, on one GPU: two processes over gloo (for
+    Ulysses every rank in one Ulysses group; the packed functions gather through host copies).
 Both rings are also captured in a CUDA graph and replayed on new inputs.
 
 Accuracy: FlashAttention's rule against an fp32 reference (2x the same-dtype PyTorch error for
@@ -41,7 +42,7 @@ from ring_attn_ext import _ring_cuda
 from ring_attn_ext.masks import band_for
 from ring_attn_ext.reference import attention_reference, visible_mask
 from ring_attn_ext.ring_plan import build_plan
-from ring_attn_ext.sharding import LAYOUTS, local_runs, shard, unshard
+from ring_attn_ext.sharding import LAYOUTS, local_runs, positions, shard, unshard
 
 # NVLink multicast stays off in every process these tests start (it can take a shared host's GPUs
 # out of service).
@@ -663,34 +664,42 @@ def _check_usp_case(rank, device, case, head_dim, dtype, seed, groups):
                              f"heads_kv {case.heads_kv}: {error}") from error
 
 
-def _nccl_llama3_worker(rank, world_size, init_file, head_dim, dtype):
+def _nccl_varlen_worker(rank, world_size, init_file, head_dim, dtype):
     os.environ.update(MULTICAST_OFF)
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method="file://" + init_file, rank=rank, world_size=world_size)
     try:
-        _check_llama3_cases(rank, world_size, torch.device("cuda", rank), head_dim, dtype)
+        _check_varlen_cases(rank, world_size, torch.device("cuda", rank), head_dim, dtype)
     finally:
         dist.destroy_process_group()
 
 
-# Packed streams of 2 x 300 tokens: a one-token sequence, a sequence across the two chunks, and an
-# equal split.
+# Packed streams. llama3 (2 x 300 tokens): a one-token sequence, a sequence across the two chunks,
+# and an equal split. ring / zigzag (lengths multiples of 4, each sequence split on its own): short
+# and long sequences.
 LLAMA3_STREAMS = ([0, 1, 100, 350, 351, 600], [0, 300, 600])
+VARLEN_RING_STREAMS = ([0, 4, 260, 600, 604],)
+VARLEN_OPTIONS = ((True, (-1, -1), 2, 1), (False, (-1, -1), 8, 8), (True, (64, 0), 1, 1), (False, (40, 40), 2, 2))
 
 
-def _check_llama3_cases(rank, world_size, device, head_dim, dtype):
+def _check_varlen_cases(rank, world_size, device, head_dim, dtype):
+    """llama3_flash_attn_varlen_func, ring_flash_attn_varlen_func and zigzag_ring_flash_attn_varlen_func
+    (causal, non-causal, windows, GQA, one and all k/v heads per gather)."""
     seed = 60
-    for bounds in LLAMA3_STREAMS:
-        for causal, window, heads_kv, stride in ((True, (-1, -1), 2, 1), (False, (-1, -1), 8, 8),
-                                                 (True, (64, 0), 1, 1), (False, (40, 40), 2, 2)):
-            seed += 1
-            _check_llama3_case(rank, world_size, device, head_dim, dtype, seed, bounds, causal, window, heads_kv,
-                               stride)
+    for layout, streams in (("llama3", LLAMA3_STREAMS), ("ring", VARLEN_RING_STREAMS),
+                            ("zigzag", VARLEN_RING_STREAMS)):
+        for bounds in streams:
+            for causal, window, heads_kv, stride in VARLEN_OPTIONS:
+                seed += 1
+                _check_varlen_case(rank, world_size, device, head_dim, dtype, seed, layout, bounds, causal, window,
+                                   heads_kv, stride)
 
 
-def _check_llama3_case(rank, world_size, device, head_dim, dtype, seed, bounds, causal, window, heads_kv, stride):
-    """llama3_flash_attn_varlen_func forward and backward on this rank's chunk against dense
-    attention over the whole packed stream, by FlashAttention's rule."""
+def _check_varlen_case(rank, world_size, device, head_dim, dtype, seed, layout, bounds, causal, window, heads_kv,
+                       stride):
+    """One packed function forward and backward on this rank's part of the stream (layout "llama3":
+    its chunk; "ring" / "zigzag": its shards of every sequence) against dense attention over the
+    whole packed stream, by FlashAttention's rule."""
     generator = torch.Generator(device=device).manual_seed(seed)
     total, heads = bounds[-1], 8
 
@@ -702,17 +711,27 @@ def _check_llama3_case(rank, world_size, device, head_dim, dtype, seed, bounds, 
 
     ref_out, ref_lse, ref_grads = packed_attention_with_grads(q, k, v, dout, mask, torch.float64)
     same_out, _, same_grads = packed_attention_with_grads(q, k, v, dout, mask, dtype)
-    chunk = total // world_size
-    rows = slice(rank * chunk, (rank + 1) * chunk)
-    leaves = [t[rows].clone().requires_grad_() for t in (q, k, v)]
-    prepared = ring_attn_ext.llama3_flash_attn_prepare_cu_seqlens(
-        torch.tensor(bounds, dtype=torch.int32, device=device), causal, rank, world_size)
-    poison_cuda_allocator()
-    out, lse, _ = ring_attn_ext.llama3_flash_attn_varlen_func(*leaves, *prepared[:4], stride, prepared[4],
-                                                              causal=causal, window_size=window,
-                                                              return_attn_probs=True)
+    options = dict(causal=causal, window_size=window, return_attn_probs=True)
+    if layout == "llama3":
+        chunk = total // world_size
+        rows = slice(rank * chunk, (rank + 1) * chunk)
+        leaves = [t[rows].clone().requires_grad_() for t in (q, k, v)]
+        prepared = ring_attn_ext.llama3_flash_attn_prepare_cu_seqlens(
+            torch.tensor(bounds, dtype=torch.int32, device=device), causal, rank, world_size)
+        poison_cuda_allocator()
+        out, lse, _ = ring_attn_ext.llama3_flash_attn_varlen_func(*leaves, *prepared[:4], stride, prepared[4],
+                                                                  **options)
+    else:
+        rows = torch.cat([begin + positions(end - begin, layout, rank, world_size, device=device)
+                          for begin, end in zip(bounds, bounds[1:])])
+        leaves = [t[rows].clone().requires_grad_() for t in (q, k, v)]
+        cu_local = torch.tensor(bounds, dtype=torch.int32, device=device) // world_size
+        longest = max(end - begin for begin, end in zip(bounds, bounds[1:])) // world_size
+        function = getattr(ring_attn_ext, f"{'zigzag_' if layout == 'zigzag' else ''}ring_flash_attn_varlen_func")
+        poison_cuda_allocator()
+        out, lse, _ = function(*leaves, cu_local, longest, heads_k_stride=stride, **options)
     out.backward(dout[rows])
-    what = f"rank {rank}, llama3, cu_seqlens {bounds}, causal={causal}, window {window}, heads_kv {heads_kv}"
+    what = f"rank {rank}, {layout}, cu_seqlens {bounds}, causal={causal}, window {window}, heads_kv {heads_kv}"
     try:
         assert_flash_rule(out, ref_out[rows], same_out[rows], 2, "out")
         assert_lse_equal(lse, ref_lse[:, rows], atol=1e-3)
@@ -768,8 +787,8 @@ def _spawn_ranks(worker, world_size, head_dim, dtype, what, deadline_s=600):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs (one process per GPU)")
 @pytest.mark.parametrize("worker, what", [(_nccl_ring_worker, "the NCCL ring"),
                                           (_nccl_usp_worker, "Ulysses attention over NCCL"),
-                                          (_nccl_llama3_worker, "llama3 varlen attention over NCCL")],
-                         ids=("ring", "usp", "llama3"))
+                                          (_nccl_varlen_worker, "packed-sequence attention over NCCL")],
+                         ids=("ring", "usp", "varlen"))
 def test_nccl_on_two_gpus_matches_full_attention(monkeypatch, worker, what):
     head_dim, dtype = kernel_config()
     for name, value in MULTICAST_OFF.items():
@@ -804,16 +823,16 @@ def test_usp_on_one_gpu_over_gloo_matches_full_attention():
     _spawn_ranks(_gloo_usp_worker, 2, head_dim, dtype, "Ulysses attention over gloo")
 
 
-def _gloo_llama3_worker(rank, world_size, init_file, head_dim, dtype):
+def _gloo_varlen_worker(rank, world_size, init_file, head_dim, dtype):
     torch.cuda.set_device(0)
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world_size)
     try:
-        _check_llama3_cases(rank, world_size, torch.device("cuda", 0), head_dim, dtype)
+        _check_varlen_cases(rank, world_size, torch.device("cuda", 0), head_dim, dtype)
     finally:
         dist.destroy_process_group()
 
 
 @requires_cuda_extension
-def test_llama3_on_one_gpu_over_gloo_matches_full_attention():
+def test_varlen_on_one_gpu_over_gloo_matches_full_attention():
     head_dim, dtype = kernel_config()
-    _spawn_ranks(_gloo_llama3_worker, 2, head_dim, dtype, "llama3 varlen attention over gloo")
+    _spawn_ranks(_gloo_varlen_worker, 2, head_dim, dtype, "packed-sequence attention over gloo")

@@ -1,13 +1,15 @@
-"""Switching from ring-flash-attn by changing an import: its llama3_flash_attn_prepare_cu_seqlens and
-ours give the same cu_seqlens, maxima and key slices, and its llama3_flash_attn_varlen_func and ours
-the same out, lse and gradients for the same arguments, on CPU processes over gloo.
+"""Switching from ring-flash-attn by changing an import, for packed sequences: its
+llama3_flash_attn_prepare_cu_seqlens and ours give the same cu_seqlens, maxima and key slices, and
+its llama3_flash_attn_varlen_func, ring_flash_attn_varlen_func and zigzag_ring_flash_attn_varlen_func
+and ours the same out, lse and gradients for the same arguments, on CPU processes over gloo.
 
 ring-flash-attn 0.1.8 comes from the peers folder (shared/peers: its wheel and a flash_attn
-stand-in); the tests skip without it. Its llama3 functions call flash-attn's varlen kernels, which
+stand-in); the tests skip without it. Its varlen functions call flash-attn's varlen kernels, which
 have no CPU build: here they are given benchmarks/bench_varlen.py's adapters over a stand-in for
 PyTorch's FlashAttention-2 varlen operators that runs our flash_attn_varlen_func, so what is
-compared is the two libraries' distributed plumbing (the prepared cu_seqlens, gathers, head
-strides, reduce-scatters), in float64.
+compared is the two libraries' distributed plumbing (the prepared cu_seqlens, gathers or ring
+steps, head strides, which keys each query meets): in float64 for llama3, in float32 for the ring
+functions (ring-flash-attn's zigzag keeps its running out and lse in fp32).
 """
 import os
 import sys
@@ -118,11 +120,43 @@ def same_results_on_rank(rank, world_size):
     return True
 
 
+def same_ring_results_on_rank(rank, world_size):
+    """ring_flash_attn_varlen_func and zigzag_ring_flash_attn_varlen_func, every rank holding its
+    shards of each sequence and the shared local cu_seqlens: out and lse. (Not the gradients:
+    ring-flash-attn's varlen backward keeps two rings of send/recv in flight at once, which gloo's
+    CPU transport aborts on; ours are checked against dense attention in test_varlen_ring_cpu.py.)"""
+    rfa = ring_flash_attn()
+    bench_varlen.give_rfa_varlen_kernels(rfa, *bench_varlen.torch_varlen_kernels(cpu_flash_operators())[:2])
+    seed = 0
+    for layout, unit in (("ring", world_size), ("zigzag", 2 * world_size)):
+        # ring-flash-attn's zigzag asserts causal=True.
+        for causal, heads_kv in ((True, 4), (True, 2), (layout == "zigzag", 1)):
+            seed += 1
+            generator = torch.Generator().manual_seed(seed)
+            local_lengths = (torch.randint(1, 4, (3,), generator=generator) * (unit // world_size)).tolist()
+            cu_seqlens = torch.tensor([0] + local_lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            total_local = int(cu_seqlens[-1])
+            # Any local values will do: both libraries read them as this rank's shards.
+            torch.manual_seed(seed * 10 + rank)
+            # float32: ring-flash-attn's zigzag keeps its running out and lse in fp32 and cannot take float64.
+            q, k, v = (torch.randn(total_local, heads, 16) for heads in (4, heads_kv, heads_kv))
+            results = []
+            for library in (ra, rfa):
+                function = getattr(library, f"{'zigzag_' if layout == 'zigzag' else ''}ring_flash_attn_varlen_func")
+                out, lse, _ = function(q, k, v, cu_seqlens, max(local_lengths), causal=causal, return_attn_probs=True)
+                results.append((out, lse))
+            for name, ours, theirs in zip(("out", "lse"), *results):
+                assert_close(f"rank {rank}, {layout}, local cu_seqlens {cu_seqlens.tolist()}, causal={causal}, "
+                             f"heads_kv {heads_kv}: {name}", ours, theirs, atol=1e-5)
+    return True
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_llama3_matches_ring_flash_attn(world_size):
+@pytest.mark.parametrize("body", [same_results_on_rank, same_ring_results_on_rank], ids=("llama3", "ring_zigzag"))
+def test_varlen_functions_match_ring_flash_attn(world_size, body):
     ring_flash_attn()  # unpacks the wheels here, before the ranks import them
     pool = RankPool(world_size)
     try:
-        assert pool.run(same_results_on_rank) == [True] * world_size
+        assert pool.run(body) == [True] * world_size
     finally:
         pool.close()
