@@ -1,16 +1,17 @@
-"""Packed variable-length sequences on the GPUs of one host: llama3 context parallelism, ours
-(ring_attn_ext.llama3_flash_attn_varlen_func) against ring-flash-attn 0.1.8's function of the same
-name; and each GPU alone on the whole packed stream, ours (flash_attn_varlen_func) against
-PyTorch's FlashAttention-2 varlen kernels. Forward and forward+backward iterations per second.
+"""Packed variable-length sequences on the GPUs of one host: ours against ring-flash-attn 0.1.8's
+functions of the same names (llama3_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_func);
+and each GPU alone on the whole packed stream, ours (flash_attn_varlen_func) against PyTorch's
+FlashAttention-2 varlen kernels. Forward and forward+backward iterations per second.
 
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_varlen.py      # or:
     python3 benchmarks/bench_varlen.py --nproc 2                             # spawns its own processes
     python3 benchmarks/bench_varlen.py --quick                               # short timing
 
 A configuration is a packed stream of N * chunk tokens (N ranks; bf16, d 128, 32 query heads,
-h_kv key/value heads, causal) cut into sequences whose lengths are drawn uniformly from a range
-(seeded, the same on every rank; the last one is cut where the stream ends). Rank r holds tokens
-r * chunk : (r + 1) * chunk.
+h_kv key/value heads, causal) cut into sequences whose lengths are drawn uniformly from a range and
+rounded up to multiples of 2N (seeded, the same on every rank; the last one is cut where the stream
+ends). For llama3, rank r holds tokens r * chunk : (r + 1) * chunk; for zigzag, its two chunks of
+2N of every sequence.
 Rows (time = the slowest rank's loop time / iterations, as in bench_ring.py):
   ours_1gpu, fa2_1gpu  every GPU alone on the whole stream: flash_attn_varlen_func (ours: one
                        kernel call per sequence) and PyTorch's FlashAttention-2 varlen kernels
@@ -18,9 +19,11 @@ Rows (time = the slowest rank's loop time / iterations, as in bench_ring.py):
   ours, rfa            llama3_flash_attn_varlen_func across the N ranks, heads_k_stride = h_kv
                        (--heads-k-stride to change), on cu_seqlens from each library's own
                        llama3_flash_attn_prepare_cu_seqlens.
+  ours_zigzag,         zigzag_ring_flash_attn_varlen_func on the zigzag shards (ours gathers K/V,
+  rfa_zigzag           heads_k_stride as above; ring-flash-attn passes them around its ring).
 efficiency = iter/s / (ours_1gpu iter/s / N); efficiency_own_kernel divides by the implementation's
 own single-GPU kernel instead (ring-flash-attn: fa2_1gpu). Every forward of ours is compared with
-ring-flash-attn's on the same chunk (max_abs_diff_vs_rfa).
+ring-flash-attn's on the same shards (max_abs_diff_vs_rfa).
 
 ring-flash-attn's llama3 functions call flash-attn's _flash_attn_varlen_forward/backward, which
 the peers' flash_attn stand-in does not provide: this script gives them to it, on PyTorch's
@@ -60,13 +63,15 @@ CONFIGS = (Config("long_s16k_kv8", 16384, 2048, 16384), Config("short_s16k_kv8",
            Config("long_s16k_kv32", 16384, 2048, 16384, heads_kv=32))
 
 
-def sequence_bounds(total, min_len, max_len, seed):
-    """cu_seqlens (a list) of a stream of `total` tokens cut into lengths drawn uniformly from
-    [min_len, max_len]; the last sequence ends with the stream."""
+def sequence_bounds(total, min_len, max_len, seed, unit=1):
+    """cu_seqlens (a list) of a stream of `total` tokens (a multiple of unit) cut into lengths drawn
+    uniformly from [min_len, max_len] and rounded up to multiples of unit; the last sequence ends
+    with the stream."""
     rng = random.Random(seed)
     bounds = [0]
     while bounds[-1] < total:
-        bounds.append(min(total, bounds[-1] + rng.randint(min_len, max_len)))
+        length = -(-rng.randint(min_len, max_len) // unit) * unit
+        bounds.append(min(total, bounds[-1] + length))
     return bounds
 
 
@@ -168,14 +173,15 @@ def give_rfa_varlen_kernels(rfa, forward, backward):
             module._flash_attn_varlen_forward, module._flash_attn_varlen_backward = forward, backward
 
 
-def bench_config(torch, ring, args, cfg, rfa, torch_attention):
+def bench_config(torch, ring, args, cfg, rfa, torch_attention, device="cuda"):
+    """All rows of one configuration (device: where the tensors live; CUDA but in the tests)."""
     import ring_attn_ext as ra
     torch.manual_seed(args.seed)  # identical global tensors on every rank
     total = cfg.chunk * ring.world
-    bounds = sequence_bounds(total, cfg.min_len, cfg.max_len, args.seed)
-    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    bounds = sequence_bounds(total, cfg.min_len, cfg.max_len, args.seed, unit=2 * ring.world)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     longest = max(b - a for a, b in zip(bounds, bounds[1:]))
-    kw = {"device": "cuda", "dtype": torch.bfloat16}
+    kw = {"device": device, "dtype": torch.bfloat16}
     full = [torch.randn(total, heads, cfg.head_dim, **kw) for heads in (cfg.heads, cfg.heads_kv, cfg.heads_kv,
                                                                         cfg.heads)]
     rows_of_rank = slice(ring.rank * cfg.chunk, (ring.rank + 1) * cfg.chunk)
@@ -184,23 +190,29 @@ def bench_config(torch, ring, args, cfg, rfa, torch_attention):
         for t in tensors[:3]:
             t.requires_grad_()
     stride = args.heads_k_stride or cfg.heads_kv
-    ours_prepared = ra.llama3_flash_attn_prepare_cu_seqlens(cu, True, ring.rank, ring.world)
+    zigzag_rows = torch.cat([begin + ra.positions(end - begin, "zigzag", ring.rank, ring.world, device=device)
+                             for begin, end in zip(bounds, bounds[1:])])
+    zigzag = [t[zigzag_rows].detach().clone().requires_grad_(t.requires_grad) for t in full]
+    cu_local, longest_local = cu // ring.world, longest // ring.world
 
-    def ours_llama3(q, k, v):
-        return ra.llama3_flash_attn_varlen_func(q, k, v, *ours_prepared[:4], stride, ours_prepared[4], causal=True)
+    def parallel_functions(library):
+        """{impl suffix: (callable on (q, k, v), tensors)} of one library's llama3 and zigzag varlen."""
+        prepared = library.llama3_flash_attn_prepare_cu_seqlens(cu, True, ring.rank, ring.world)
+        extra = {"heads_k_stride": stride} if library is ra else {}
+        return {"llama3": (lambda q, k, v: library.llama3_flash_attn_varlen_func(
+                    q, k, v, *prepared[:4], stride, prepared[4], causal=True), local),
+                "zigzag": (lambda q, k, v: library.zigzag_ring_flash_attn_varlen_func(
+                    q, k, v, cu_local, longest_local, causal=True, **extra), zigzag)}
 
     # (impl, callable on (q, k, v), tensors (q, k, v, dout))
     runs = [("ours_1gpu", lambda q, k, v: ra.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True),
              full),
-            ("fa2_1gpu", lambda q, k, v: torch_attention(q, k, v, cu, longest), full),
-            ("ours", ours_llama3, local)]
+            ("fa2_1gpu", lambda q, k, v: torch_attention(q, k, v, cu, longest), full)]
+    libraries = {"ours": parallel_functions(ra)}
     if rfa is not None:
-        rfa_prepared = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, ring.rank, ring.world)
-
-        def rfa_llama3(q, k, v):
-            return rfa.llama3_flash_attn_varlen_func(q, k, v, *rfa_prepared[:4], stride, rfa_prepared[4], causal=True)
-
-        runs.append(("rfa", rfa_llama3, local))
+        libraries["rfa"] = parallel_functions(rfa)
+    for library, functions in libraries.items():
+        runs += [(f"{library}_{kind}", fn, tensors) for kind, (fn, tensors) in functions.items()]
     rows = []
     for mode in args.modes:
         for impl, fn, tensors in runs:
@@ -211,38 +223,42 @@ def bench_config(torch, ring, args, cfg, rfa, torch_attention):
             rows.append(row)
             torch.cuda.empty_cache()
     if rfa is not None:
-        try:
-            with torch.no_grad():
-                diff = (ours_llama3(*local[:3]).float() - rfa_llama3(*local[:3]).float()).abs().max().item()
-        except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError):
-            diff = float("nan")  # the timed rows record the error itself
-        for row in rows:
-            if row["impl"] == "ours" and row["mode"] == "fwd":
-                row["max_abs_diff_vs_rfa"] = ring.max([diff])[0]
+        for kind, (ours_fn, tensors) in libraries["ours"].items():
+            try:
+                with torch.no_grad():
+                    diff = (ours_fn(*tensors[:3]).float() - libraries["rfa"][kind][0](*tensors[:3]).float())
+                value = diff.abs().max().item()
+            except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError):
+                value = float("nan")  # the timed rows record the error itself
+            value = ring.max([value])[0]
+            for row in rows:
+                if row["impl"] == f"ours_{kind}" and row["mode"] == "fwd":
+                    row["max_abs_diff_vs_rfa"] = value
     add_efficiency(rows, ring.world)
     return rows
 
 
 def add_efficiency(rows, world):
-    """efficiency of the llama3 rows against ours_1gpu / N, efficiency_own_kernel against the
-    implementation's own single-GPU kernel (rfa: fa2_1gpu)."""
+    """efficiency of the multi-GPU rows against ours_1gpu / N, efficiency_own_kernel against the
+    implementation's own single-GPU kernel (ours: ours_1gpu, rfa: fa2_1gpu)."""
     single = {(r["config"], r["impl"], r["mode"]): r["iter_s"] for r in rows
               if r["impl"] in ("ours_1gpu", "fa2_1gpu") and r["status"] == "ok"}
     for r in rows:
-        if r["status"] != "ok" or r["impl"] not in ("ours", "rfa"):
+        if r["status"] != "ok" or r["impl"] in ("ours_1gpu", "fa2_1gpu"):
             continue
         base = single.get((r["config"], "ours_1gpu", r["mode"]))
         if base is not None:
             r["efficiency"] = r["iter_s"] / (base / world)
-        own = single.get((r["config"], "ours_1gpu" if r["impl"] == "ours" else "fa2_1gpu", r["mode"]))
+        own = single.get((r["config"], "ours_1gpu" if r["impl"].startswith("ours") else "fa2_1gpu", r["mode"]))
         if own is not None:
             r["efficiency_own_kernel"] = r["iter_s"] / (own / world)
 
 
 def format_table(rows):
-    """One line per (config, mode): the single-GPU rows' iter/s, then each llama3 row's iter/s and
+    """One line per (config, mode): the single-GPU rows' iter/s, then each multi-GPU row's iter/s and
     efficiency."""
-    titles = {"ours_1gpu": "ours-1gpu", "fa2_1gpu": "fa2-1gpu", "ours": "ours llama3", "rfa": "rfa llama3"}
+    titles = {"ours_1gpu": "ours-1gpu", "fa2_1gpu": "fa2-1gpu", "ours_llama3": "ours llama3",
+              "rfa_llama3": "rfa llama3", "ours_zigzag": "ours zigzag", "rfa_zigzag": "rfa zigzag"}
     header = f"{'config':18} {'seqs':>5} {'mode':7} " + " ".join(f"{t:>15}" for t in titles.values())
     lines = [header, "-" * len(header)]
     keyed = {}

@@ -4,6 +4,8 @@ packed streams, and how the ring trace splits a timeline."""
 import os
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -43,28 +45,68 @@ def test_ring_bench_rates_ulysses_rows_against_each_ones_own_kernel():
 
 def test_varlen_bench_cuts_streams_within_the_length_range():
     for seed in range(20):
-        bounds = bench_varlen.sequence_bounds(32768, 128, 1024, seed)
-        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-        assert bounds[0] == 0 and bounds[-1] == 32768
-        assert all(128 <= n <= 1024 for n in lengths[:-1]) and 1 <= lengths[-1] <= 1024
+        for unit in (1, 4):
+            bounds = bench_varlen.sequence_bounds(32768, 128, 1024, seed, unit)
+            lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+            assert bounds[0] == 0 and bounds[-1] == 32768
+            assert all(128 <= n <= 1024 and n % unit == 0 for n in lengths[:-1]), lengths
+            assert 1 <= lengths[-1] <= 1024 and lengths[-1] % unit == 0
     assert bench_varlen.sequence_bounds(100, 7, 30, 3) == bench_varlen.sequence_bounds(100, 7, 30, 3)
 
 
-def test_varlen_bench_rates_llama3_rows_against_one_gpu_on_the_whole_stream():
+def test_varlen_bench_rates_multi_gpu_rows_against_one_gpu_on_the_whole_stream():
     def row(impl, iter_s, mode="fwd", status="ok"):
         return {"config": "long_s16k_kv8", "sequences": 5, "mode": mode, "impl": impl, "iter_s": iter_s,
                 "status": status}
 
-    rows = [row("ours_1gpu", 100.0), row("fa2_1gpu", 80.0), row("ours", 45.0), row("rfa", 36.0),
-            row("ours_1gpu", 30.0, "fwd_bwd"), row("rfa", 0.0, "fwd_bwd", "error")]
+    rows = [row("ours_1gpu", 100.0), row("fa2_1gpu", 80.0), row("ours_llama3", 45.0), row("rfa_llama3", 36.0),
+            row("ours_zigzag", 40.0), row("rfa_zigzag", 38.0),
+            row("ours_1gpu", 30.0, "fwd_bwd"), row("rfa_zigzag", 0.0, "fwd_bwd", "error")]
     bench_varlen.add_efficiency(rows, world=2)
-    assert rows[2]["efficiency"] == 45.0 / 50.0 and rows[2]["efficiency_own_kernel"] == 45.0 / 50.0
-    assert rows[3]["efficiency"] == 36.0 / 50.0 and rows[3]["efficiency_own_kernel"] == 36.0 / 40.0
-    assert "efficiency" not in rows[0] and "efficiency" not in rows[5]
+    by_impl = {r["impl"]: r for r in rows if r["mode"] == "fwd"}
+    assert by_impl["ours_llama3"]["efficiency"] == 45.0 / 50.0
+    assert by_impl["ours_llama3"]["efficiency_own_kernel"] == 45.0 / 50.0
+    assert by_impl["rfa_llama3"]["efficiency"] == 36.0 / 50.0
+    assert by_impl["rfa_llama3"]["efficiency_own_kernel"] == 36.0 / 40.0
+    assert by_impl["rfa_zigzag"]["efficiency_own_kernel"] == 38.0 / 40.0
+    assert "efficiency" not in by_impl["ours_1gpu"] and "efficiency" not in rows[-1]
     header, _, fwd, fwd_bwd = bench_varlen.format_table(rows).split("\n")
-    assert header.split()[-4:] == ["ours", "llama3", "rfa", "llama3"]
-    assert fwd.endswith("45.0 ( 90%)     36.0 ( 72%)"), fwd
-    assert fwd_bwd.split()[-3:] == ["-", "-", "error"], fwd_bwd
+    assert header.split()[-4:] == ["ours", "zigzag", "rfa", "zigzag"]
+    assert fwd.endswith("45.0 ( 90%)     36.0 ( 72%)     40.0 ( 80%)     38.0 ( 76%)"), fwd
+    assert fwd_bwd.split()[-5:] == ["-", "-", "-", "-", "error"], fwd_bwd
+
+
+
+class OneRank:
+    """bench_ring.Ring for a world of one process."""
+    rank, world = 0, 1
+
+    def max(self, values):
+        return list(values)
+
+
+def test_varlen_bench_runs_its_rows_on_cpu(monkeypatch):
+    """bench_varlen.bench_config on a tiny configuration on CPU, every step run once instead of
+    timed (PyTorch's FA2 varlen kernels replaced by our flash_attn_varlen_func)."""
+    import ring_attn_ext as ra
+    ran = []
+
+    def run_once(torch_module, ring, args, step, rejects_as):
+        step()
+        ran.append(step)
+        return {"status": "ok", "iter_s": float(len(ran))}
+
+    def single_gpu_stand_in(q, k, v, cu_seqlens, max_seqlen):
+        return ra.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+
+    monkeypatch.setattr(bench_varlen, "measure", run_once)
+    config = bench_varlen.Config("tiny", chunk=48, min_len=3, max_len=20, heads=4, heads_kv=2, head_dim=16)
+    args = bench_varlen.parse_args(["--configs", "long_s16k_kv8"])
+    rows = bench_varlen.bench_config(torch, OneRank(), args, config, None, single_gpu_stand_in, device="cpu")
+    assert len(ran) == len(rows) and all(r["status"] == "ok" for r in rows)
+    assert [r["impl"] for r in rows if r["mode"] == "fwd"] == ["ours_1gpu", "fa2_1gpu", "ours_llama3", "ours_zigzag"]
+    assert {r["mode"] for r in rows} == {"fwd", "fwd_bwd"}
+    assert all("efficiency" in r for r in rows if r["impl"] in ("ours_llama3", "ours_zigzag"))
 
 
 ATTENTION = "void ring_attn::flash_bwd_kernel<ring_attn::BwdTraits<bfloat16_t, 128>, false>(ring_attn::BwdParams)"
