@@ -62,3 +62,24 @@ def merge_partial(out, lse, block_out, block_lse):
     weight_old = torch.exp(lse - new_lse_safe).transpose(1, 2).unsqueeze(-1)
     weight_block = torch.exp(block_lse - new_lse_safe).transpose(1, 2).unsqueeze(-1)
     return weight_old * out + weight_block * block_out, new_lse
+
+
+def masked_attention_reference(q, k, v, visible, softmax_scale=None, upcast=True):
+    """Attention over packed rows, q (total_q, h, d), k and v (total_k, h_kv, d), under an explicit
+    bool mask `visible` (total_q, total_k): the reference of the packed-sequence functions (a
+    block-diagonal mask keeps each sequence to itself). Returns (out in q's dtype, lse (h, total_q)
+    float32, float64 for float64 inputs); rows with no visible key give out 0 and lse -inf.
+    Differentiable; upcast as in attention_reference."""
+    if softmax_scale is None:
+        softmax_scale = default_softmax_scale(q.shape[-1])
+    compute_dtype = torch.float32 if upcast and q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    group = q.shape[1] // k.shape[1]
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    if group > 1:
+        kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
+    scores = (torch.einsum("qhd,khd->hqk", qc, kc) * softmax_scale).masked_fill(~visible, float("-inf"))
+    has_key = visible.any(dim=1)[:, None]
+    # A row without keys takes a softmax over zeros, then times 0: out 0 and no NaN in the gradients.
+    probs = torch.softmax(torch.where(has_key, scores, torch.zeros_like(scores)), dim=-1) * has_key
+    lse = torch.logsumexp(scores.float() if compute_dtype != torch.float64 else scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, vc).to(q.dtype), lse

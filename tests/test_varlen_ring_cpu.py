@@ -1,11 +1,16 @@
 """ring_flash_attn_varlen_func and zigzag_ring_flash_attn_varlen_func with their packed forms
 (varlen_ring_attention.py) on CPU tensors over gloo, worlds of 1 to 4 ranks, against dense
 attention over the global packed sequences (conftest's varlen_mask) in float64: forward, lse and
-gradients of every rank's shards; errors raised on every rank."""
+gradients of every rank's shards; errors raised on every rank; the main job with --varlen."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from conftest import packed_attention, varlen_mask
+from ring_attn_ext import __main__ as main_job
 from ring_attn_ext import (ring_flash_attn_varlen_func, ring_flash_attn_varlen_kvpacked_func,
                            ring_flash_attn_varlen_qkvpacked_func, zigzag_ring_flash_attn_varlen_func,
                            zigzag_ring_flash_attn_varlen_kvpacked_func, zigzag_ring_flash_attn_varlen_qkvpacked_func)
@@ -135,3 +140,30 @@ def errors_on_rank(rank, world_size):
 @pytest.mark.parametrize("pool", [2], indirect=True)
 def test_varlen_ring_errors_raise_on_every_rank(pool):
     assert pool.run(errors_on_rank) == [True] * 2
+
+
+def test_main_job_with_packed_sequences():
+    """`python -m ring_attn_ext --varlen` on 3 CPU processes: llama3, ring and zigzag varlen."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "ring_attn_ext", "--device", "cpu", "--world-size", "3", "--varlen",
+               "--seqlen", "48", "--heads", "4", "--kv-heads", "2", "--head-dim", "8"]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert "packed variable-length sequences" in result.stdout, result.stdout
+    rows = [row for row in map(str.split, result.stdout.splitlines())
+            if row[:2] in (["llama3", "3"], ["ring", "3"], ["zigzag", "3"])]
+    assert len(rows) == 3 and all(row[-1] == "pass" for row in rows), result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seqlen", "20"], "multiple of 2 * world-size = 8; got 20"),
+    (["--ulysses-degree", "2"], "leave --batch and --ulysses-degree at 1"),
+    (["--batch", "2"], "leave --batch and --ulysses-degree at 1"),
+    (["--layouts", "stripe"], "--layouts: unknown ['stripe']; choose from llama3, ring, zigzag"),
+])
+def test_main_job_rejects_bad_varlen_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main_job.parse_args(["--device", "cpu", "--world-size", "4", "--varlen", "--seqlen", "32", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
