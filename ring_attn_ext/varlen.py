@@ -17,6 +17,7 @@ import typing
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .flash_attn_interface import attention_backward, prepare_for_kernels
 from .packing import KV_PACKED, QKV_PACKED, SEPARATE, pack, unpack
@@ -37,9 +38,9 @@ class Sequence(typing.NamedTuple):
 
 
 def check_cu_seqlens(cu_seqlens, name, total):
-    """The boundaries of cu_seqlens as a list of ints (one copy to the host): a 1-D int32 or int64
-    tensor that starts at 0, never decreases and ends at most at `total`, the rows of the packed
-    tensor it describes (None: no such bound)."""
+    """The boundaries of cu_seqlens as a list of ints (read on the host once per tensor and
+    version, see _host_bounds): a 1-D int32 or int64 tensor that starts at 0, never decreases and
+    ends at most at `total`, the rows of the packed tensor it describes (None: no such bound)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
@@ -47,7 +48,7 @@ def check_cu_seqlens(cu_seqlens, name, total):
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 (or int64), got {cu_seqlens.dtype}")
-    bounds = cu_seqlens.tolist()
+    bounds = _host_bounds(cu_seqlens)
     if bounds[0] != 0:
         raise ValueError(f"{name} must start at 0, got {bounds[0]}")
     for index, (begin, end) in enumerate(zip(bounds, bounds[1:])):
@@ -55,6 +56,27 @@ def check_cu_seqlens(cu_seqlens, name, total):
             raise ValueError(f"{name} must never decrease: sequence {index} would have length {end - begin}")
     if total is not None and bounds[-1] > total:
         raise ValueError(f"{name} ends at {bounds[-1]}, past the {total} rows of the packed tensor it describes")
+    return bounds
+
+
+# cu_seqlens tensor -> (its version counter, its values as a list). A model passes the same
+# cu_seqlens to every attention layer of a step; reading a CUDA tensor on the host waits for all the
+# GPU work queued before it, so each layer would drain the GPU's queue and start it again empty.
+# Read once per tensor, and again only after an in-place change (which bumps the version counter);
+# weak keys drop a tensor's entry when the tensor dies.
+_HOST_BOUNDS = WeakIdKeyDictionary()
+
+
+def _host_bounds(cu_seqlens):
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:  # tensors made under torch.inference_mode() keep no version counter
+        return cu_seqlens.tolist()
+    cached = _HOST_BOUNDS.get(cu_seqlens)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    bounds = cu_seqlens.tolist()
+    _HOST_BOUNDS[cu_seqlens] = (version, bounds)
     return bounds
 
 
