@@ -16,6 +16,7 @@ arguments and results are ring-flash-attn's; the gathered K/V of heads_k_stride 
 ours; default all k/v heads) take N times the local K/V's memory at once, which a smaller
 heads_k_stride bounds.
 """
+import functools
 import zlib
 
 import torch
@@ -31,9 +32,13 @@ from .sharding import local_runs
 from .varlen import PACKED_NAMES, Sequence, check_cu_seqlens, check_max_seqlen, check_packed_form
 
 
+# Every attention layer of a step sees the same packing: the index is built once (a few small
+# tensor operations per sequence and rank) and reused while the packing stays.
+@functools.lru_cache(maxsize=8)
 def _key_stream(layout, bounds, world_size, rows_per_rank, device):
     """The gathered rows (rank r's rows at r * rows_per_rank onwards) reordered into the sequences'
-    global order, sequence after sequence: a LongTensor index, or a slice where it is the identity."""
+    global order, sequence after sequence: a LongTensor index on `device` (read only: it is
+    shared), or a slice where it is the identity. bounds: cu_seqlens as a tuple."""
     pieces = []
     for begin, end in zip(bounds, bounds[1:]):
         local = end - begin
@@ -79,7 +84,7 @@ def _check_call(layout, q, k, v, names, ring_group, cu_seqlens, max_seqlen, drop
                                       backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     check_group_backend(q.device, ring_group, "varlen ring attention")
     world_size = ring_group.world_size
-    keys = _key_stream(layout, bounds, world_size, shape.seqlen_q, q.device)
+    keys = _key_stream(layout, tuple(bounds), world_size, shape.seqlen_q, q.device)
     runs = _query_runs(layout, bounds, ring_group.rank, world_size, causal, window)
     signature = Signature("varlen", (1, *q.shape), (1, *k.shape), q.dtype, q.device.type, layout, causal,
                           tuple(window), scale, heads_k_stride=stride,
