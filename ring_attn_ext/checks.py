@@ -72,11 +72,13 @@ def check_qkv(q, k, v, names=("q", "k", "v")):
     return QKVShape(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim)
 
 
-def check_packed(t, name, count, what):
-    """A packed tensor (b, s, count, heads, d): kv with count 2 or qkv with count 3."""
+def check_packed(t, name, count, what, varlen=False):
+    """A packed tensor (b, s, count, heads, d), or (total, count, heads, d) with varlen (packed
+    variable-length sequences): kv with count 2 or qkv with count 3."""
     check_tensor(t, name)
-    if t.dim() != 5 or t.shape[2] != count:
-        raise ValueError(f"{name} must have shape (batch, seqlen, {count}, heads, head_dim) holding {what}, "
+    leading = ("total_tokens",) if varlen else ("batch", "seqlen")
+    if t.dim() != len(leading) + 3 or t.shape[len(leading)] != count:
+        raise ValueError(f"{name} must have shape ({', '.join(leading)}, {count}, heads, head_dim) holding {what}, "
                          f"got shape {tuple(t.shape)}")
 
 

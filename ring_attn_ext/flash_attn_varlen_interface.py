@@ -12,7 +12,7 @@ from . import checks
 from .masks import band_for
 from .packing import KV_PACKED, QKV_PACKED, SEPARATE
 from .varlen import (PACKED_NAMES, Sequence, VarlenAttentionFunction, check_cu_seqlens, check_max_seqlen,
-                     check_packed_form, check_packed_tensors)
+                     check_packed_tensors)
 
 # The names of (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) in each form's signature.
 _CU_NAMES = {SEPARATE: ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"),
@@ -84,7 +84,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    check_packed_form(kv, "kv", 2, "k and v")
+    checks.check_packed(kv, "kv", 2, "k and v", varlen=True)
     ext, softmax_scale, sequences = _validate(
         "flash_attn_varlen_kvpacked_func", KV_PACKED, q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -96,7 +96,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
-    check_packed_form(qkv, "qkv", 3, "q, k and v")
+    checks.check_packed(qkv, "qkv", 3, "q, k and v", varlen=True)
     ext, softmax_scale, sequences = _validate(
         "flash_attn_varlen_qkvpacked_func", QKV_PACKED, qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens,
         max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,

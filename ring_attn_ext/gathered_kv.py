@@ -17,14 +17,14 @@ import numbers
 import typing
 
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import checks
 from .collectives import all_gather_single, reduce_scatter_single
 from .flash_attn_interface import prepare_for_kernels
-from .group_checks import backend_supports_cpu, backend_supports_cuda
+from .group_checks import backend_supports_cuda, check_cpu_backend, validate_together
 from .packing import pack, unpack
+from .ring import resolve_group
 from .ring_reference import accumulation_dtype
 from .varlen import check_packed_tensors, empty_result, varlen_backward, varlen_forward
 
@@ -36,10 +36,12 @@ GatherCall = typing.NamedTuple("GatherCall", [("group", typing.Any), ("ext", typ
                                               ("heads_k_stride", int), ("keys", typing.Any)])
 
 
-def check_local_tensors(q, k, v, names, holding, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-                        deterministic, return_attn_probs):
-    """This rank's q, k, v (rows, h or h_kv, d), holding the same tokens (`holding` says which), and
-    the options: returns (checks.QKVShape, softmax_scale as a float, (left, right) window)."""
+def check_local_call(what, q, k, v, names, holding, ring_group, dropout_p, softmax_scale, causal, window_size,
+                     alibi_slopes, deterministic, return_attn_probs):
+    """What every function on this engine checks: this rank's q, k, v (rows, h or h_kv, d) holding
+    the same tokens (`holding` says which), the options, the kernels for the device and a group that
+    can carry the tensors. what: the function family, for the messages. Returns (checks.QKVShape,
+    softmax_scale as a float, (left, right) window, the compiled module or None)."""
     check_packed_tensors((q, k, v), names)
     shape = checks.check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), names)
     if shape.seqlen_q != shape.seqlen_k:
@@ -48,7 +50,10 @@ def check_local_tensors(q, k, v, names, holding, dropout_p, softmax_scale, causa
     scale, window = checks.check_options(shape.head_dim, dropout_p, softmax_scale, causal, window_size, 0.0,
                                          alibi_slopes, deterministic, return_attn_probs)
     checks.check_deterministic(deterministic, q.device)
-    return shape, scale, window
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    ext = checks.check_device_support(shape, q.device, f"{what} on CUDA tensors", q.dtype, backward=needs_backward)
+    check_cpu_backend(q.device, ring_group, what)
+    return shape, scale, window, ext
 
 
 def check_heads_k_stride(heads_k_stride, heads_kv):
@@ -57,13 +62,6 @@ def check_heads_k_stride(heads_k_stride, heads_kv):
         raise ValueError(f"heads_k_stride must be an int that divides the {heads_kv} k/v heads (the heads "
                          f"gathered at a time), got {heads_k_stride!r}")
     return int(heads_k_stride)
-
-
-def check_group_backend(device, ring_group, what):
-    """Tensors off CUDA travel over torch.distributed, which needs a CPU backend such as gloo."""
-    if ring_group.world_size > 1 and device.type != "cuda" and not backend_supports_cpu(ring_group.group):
-        raise ValueError(f"{what} on {device.type} tensors needs a process group with a CPU backend such as gloo; "
-                         f"this group's backend is {dist.get_backend(ring_group.group)}")
 
 
 class _PendingGather:
@@ -148,6 +146,17 @@ def _backward(dout, q, k, v, out, lse, call):
         dk[:, first:first + stride] = local[:, :stride]
         dv[:, first:first + stride] = local[:, stride:]
     return dq, dk, dv
+
+
+def attend(packing, tensors, group, return_attn_probs, check_call):
+    """Runs one call of a function on this engine: check_call(q, k, v, ring_group) -> (Signature,
+    GatherCall) validates this rank's arguments on every rank together (group_checks.py), then the
+    attention runs; returns out, or (out, lse, None) with return_attn_probs."""
+    ring_group = resolve_group(group)
+    call = validate_together(ring_group.group, ring_group.world_size,
+                             lambda: check_call(*unpack(packing, tensors, dim=1), ring_group))
+    out, lse = GatheredKVFunction.apply(packing, call, *tensors)
+    return (out, lse, None) if return_attn_probs else out
 
 
 class GatheredKVFunction(torch.autograd.Function):

@@ -54,8 +54,8 @@ _OPERATIONS = ("forward", "backward", "decode", "llama3", "varlen")
 _DEVICE_TYPES = ("cpu", "cuda")
 # Record fields: (name, number of int64 slots). A record starts with a flag: 1 = valid arguments.
 _FIELDS = (("operation", 1), ("q shape", 4), ("k/v shape", 4), ("dtype", 1), ("device type", 1),
-           ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1), ("q_start", 1), ("heads_k_stride", 1),
-           ("cu_seqlens", 1))
+           ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1), ("q_start", 1),
+           ("heads_k_stride", 1), ("cu_seqlens", 1))
 _RECORD_SIZE = 1 + sum(size for _, size in _FIELDS)
 
 
@@ -85,6 +85,15 @@ def validate_together(group, world_size, validate):
 def backend_supports_cpu(group):
     backend = str(dist.get_backend(group)).lower()
     return "nccl" not in backend or "gloo" in backend
+
+
+def check_cpu_backend(device, ring_group, what):
+    """Tensors off CUDA travel over torch.distributed, which needs a CPU backend (gloo) there.
+    ring_group: a ring.RingGroup; what: the operation, for the message."""
+    if ring_group.world_size > 1 and device.type != "cuda" and not backend_supports_cpu(ring_group.group):
+        raise ValueError(f"{what} on {device.type} tensors runs over torch.distributed and needs a process group "
+                         f"with a CPU backend such as gloo; this group's backend is "
+                         f"{dist.get_backend(ring_group.group)}")
 
 
 def backend_supports_cuda(group):

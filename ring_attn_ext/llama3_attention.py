@@ -16,13 +16,12 @@ import numbers
 import torch
 
 from . import checks
-from .gathered_kv import (GatherCall, GatheredKVFunction, check_group_backend, check_heads_k_stride,
-                          check_local_tensors)
-from .group_checks import Signature, validate_together
+from .gathered_kv import GatherCall, attend, check_heads_k_stride, check_local_call
+from .group_checks import Signature
 from .masks import band_at_shift
-from .packing import KV_PACKED, QKV_PACKED, SEPARATE, unpack
-from .ring import resolve_group
-from .varlen import PACKED_NAMES, Sequence, check_cu_seqlens, check_max_seqlen, check_packed_form
+from .packing import KV_PACKED, QKV_PACKED, SEPARATE
+from .varlen import PACKED_NAMES, Sequence, check_cu_seqlens, check_max_seqlen
+
 
 def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     """What rank `rank` of `world_size` passes to llama3_flash_attn_varlen_func, from cu_seqlens of
@@ -67,8 +66,9 @@ def _check_call(q, k, v, names, ring_group, cu_seqlens_q, cu_seqlens_k, max_seql
                 local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                 return_attn_probs):
     """Validates one rank's arguments; returns (Signature, GatherCall)."""
-    shape, scale, window = check_local_tensors(q, k, v, names, "this rank's chunk of the packed stream", dropout_p, softmax_scale,
-                                               causal, window_size, alibi_slopes, deterministic, return_attn_probs)
+    shape, scale, window, ext = check_local_call(
+        "llama3 varlen attention", q, k, v, names, "this rank's chunk of the packed stream", ring_group, dropout_p,
+        softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs)
     heads_k_stride = check_heads_k_stride(heads_k_stride, shape.heads_kv)
     chunk, world_size = shape.seqlen_q, ring_group.world_size
     if (not isinstance(local_k_slice, slice) or local_k_slice.step not in (None, 1)
@@ -85,10 +85,6 @@ def _check_call(q, k, v, names, ring_group, cu_seqlens_q, cu_seqlens_k, max_seql
     if len(bounds_q) != len(bounds_k):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{len(bounds_q) - 1} and {len(bounds_k) - 1}")
-    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    ext = checks.check_device_support(shape, q.device, "llama3 varlen attention on CUDA tensors", q.dtype,
-                                      backward=needs_backward)
-    check_group_backend(q.device, ring_group, "llama3 varlen attention")
     # Query row i of sequence s sits at stream position rank * chunk + bounds_q[s] + i, key row j at
     # local_k_slice.start + bounds_k[s] + j: the band's shift is the difference of the two starts.
     q_start, k_start = ring_group.rank * chunk, local_k_slice.start
@@ -102,17 +98,12 @@ def _check_call(q, k, v, names, ring_group, cu_seqlens_q, cu_seqlens_k, max_seql
                                  slice(local_k_slice.start, local_k_slice.stop))
 
 
-
-
 def _run(packing, tensors, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
          dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group):
-    ring_group = resolve_group(group)
-    call = validate_together(ring_group.group, ring_group.world_size, lambda: _check_call(
-        *unpack(packing, tensors, dim=1), PACKED_NAMES[packing], ring_group, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
-        deterministic, return_attn_probs))
-    out, lse = GatheredKVFunction.apply(packing, call, *tensors)
-    return (out, lse, None) if return_attn_probs else out
+    return attend(packing, tensors, group, return_attn_probs, lambda q, k, v, ring_group: _check_call(
+        q, k, v, PACKED_NAMES[packing], ring_group, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+        return_attn_probs))
 
 
 def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
@@ -128,7 +119,7 @@ def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, ma
                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
                                            causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                            return_attn_probs=False, group=None):
-    check_packed_form(kv, "kv", 2, "k and v")
+    checks.check_packed(kv, "kv", 2, "k and v", varlen=True)
     return _run(KV_PACKED, (q, kv), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                 local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                 return_attn_probs, group)
@@ -138,7 +129,7 @@ def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max
                                             heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
                                             causal=False, window_size=(-1, -1), alibi_slopes=None,
                                             deterministic=False, return_attn_probs=False, group=None):
-    check_packed_form(qkv, "qkv", 3, "q, k and v")
+    checks.check_packed(qkv, "qkv", 3, "q, k and v", varlen=True)
     return _run(QKV_PACKED, (qkv,), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                 local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                 return_attn_probs, group)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks
-from .group_checks import Signature, backend_supports_cpu, validate_together
+from .group_checks import Signature, check_cpu_backend, validate_together
 from .masks import check_window_size
 from .ring_plan import build_plan
 from .ring_reference import ring_backward_reference, ring_forward_reference
@@ -98,10 +98,7 @@ def plan_call(shape, dtype, device, needs_backward, ring_group, causal, softmax_
     window = check_window_size(window_size)
     check_layout(layout)
     checks.check_device_support(shape, device, "ring attention on CUDA tensors", dtype, backward=needs_backward)
-    if ring_group.world_size > 1 and device.type != "cuda" and not backend_supports_cpu(ring_group.group):
-        raise ValueError(f"ring attention on {device.type} tensors runs over torch.distributed and needs a process "
-                         f"group with a CPU backend such as gloo; this group's backend is "
-                         f"{dist.get_backend(ring_group.group)}")
+    check_cpu_backend(device, ring_group, "ring attention")
     plan = build_plan(layout, ring_group.rank, ring_group.world_size, shape.seqlen_q, causal, window)
     return window, RingCall(ring_group, plan, scale)
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks
-from .group_checks import Signature, backend_supports_cpu, validate_together
+from .group_checks import Signature, check_cpu_backend, validate_together
 from .ring import resolve_group
 from .ring_reference import accumulation_dtype, piece_forward
 
@@ -47,9 +47,7 @@ def tree_attn_decode(q, k, v, *, group=None, softmax_scale=None, causal=False, q
                                       "or on tensors that do not require grad")
         checks.check_device_support(shape, q.device, "tree attention decoding on CUDA tensors", q.dtype,
                                     backward=False)
-        if ring_group.world_size > 1 and not q.is_cuda and not backend_supports_cpu(ring_group.group):
-            raise ValueError(f"tree attention decoding on {q.device.type} tensors needs a process group with a CPU "
-                             f"backend such as gloo; this group's backend is {dist.get_backend(ring_group.group)}")
+        check_cpu_backend(q.device, ring_group, "tree attention decoding")
         # The cache parts may differ in length: only batch, heads and head_dim must agree.
         kv_shape = (shape.batch, 0, shape.heads_kv, shape.head_dim)
         signature = Signature("decode", tuple(q.shape), kv_shape, q.dtype, q.device.type, None, causal, (-1, -1),

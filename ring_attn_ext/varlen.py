@@ -19,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import checks
 from .flash_attn_interface import attention_backward, prepare_for_kernels
 from .packing import KV_PACKED, QKV_PACKED, SEPARATE, pack, unpack
 from .ring_reference import accumulation_dtype, piece_forward
@@ -42,7 +43,8 @@ def check_cu_seqlens(cu_seqlens, name, total):
     version, see _host_bounds): a 1-D int32 or int64 tensor that starts at 0, never decreases and
     ends at most at `total`, the rows of the packed tensor it describes (None: no such bound)."""
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got "
+                        f"{type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must be 1-D with at least 2 entries (0, then the end of each sequence), got shape "
                          f"{tuple(cu_seqlens.shape)}")
@@ -96,20 +98,10 @@ def check_packed_tensors(tensors, names):
     """q (total_q, h, d), k and v (total_k, h_kv, d): three dimensions each; the rest of the rules
     are checks.check_qkv's, which the caller applies to the unsqueezed tensors."""
     for t, name in zip(tensors, names):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        checks.check_tensor(t, name)
         if t.dim() != 3:
             raise ValueError(f"{name} must have 3 dimensions (total_tokens, heads, head_dim) for packed "
                              f"variable-length sequences, got shape {tuple(t.shape)}")
-
-
-def check_packed_form(t, name, count, what):
-    """A packed tensor (total, count, heads, d): kv with count 2 or qkv with count 3."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4 or t.shape[1] != count:
-        raise ValueError(f"{name} must have shape (total_tokens, {count}, heads, head_dim) holding {what}, "
-                         f"got shape {tuple(t.shape)}")
 
 
 def _one(t, rows):

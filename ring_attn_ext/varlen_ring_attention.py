@@ -22,14 +22,12 @@ import zlib
 import torch
 
 from . import checks
-from .gathered_kv import (GatherCall, GatheredKVFunction, check_group_backend, check_heads_k_stride,
-                          check_local_tensors)
-from .group_checks import Signature, validate_together
+from .gathered_kv import GatherCall, attend, check_heads_k_stride, check_local_call
+from .group_checks import Signature
 from .masks import band_at_shift
-from .packing import KV_PACKED, QKV_PACKED, SEPARATE, unpack
-from .ring import resolve_group
+from .packing import KV_PACKED, QKV_PACKED, SEPARATE
 from .sharding import local_runs
-from .varlen import PACKED_NAMES, Sequence, check_cu_seqlens, check_max_seqlen, check_packed_form
+from .varlen import PACKED_NAMES, Sequence, check_cu_seqlens, check_max_seqlen
 
 
 # Every attention layer of a step sees the same packing: the index is built once (a few small
@@ -70,8 +68,9 @@ def _query_runs(layout, bounds, rank, world_size, causal, window):
 def _check_call(layout, q, k, v, names, ring_group, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                 window_size, alibi_slopes, deterministic, return_attn_probs, heads_k_stride):
     """Validates one rank's arguments; returns (Signature, GatherCall)."""
-    shape, scale, window = check_local_tensors(q, k, v, names, "this rank's shards of the packed sequences", dropout_p, softmax_scale,
-                                               causal, window_size, alibi_slopes, deterministic, return_attn_probs)
+    shape, scale, window, ext = check_local_call(
+        "varlen ring attention", q, k, v, names, "this rank's shards of the packed sequences", ring_group, dropout_p,
+        softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs)
     stride = check_heads_k_stride(shape.heads_kv if heads_k_stride is None else heads_k_stride, shape.heads_kv)
     bounds = check_cu_seqlens(cu_seqlens, "cu_seqlens", shape.seqlen_q)
     check_max_seqlen(max_seqlen, "max_seqlen", bounds, "cu_seqlens")
@@ -80,9 +79,6 @@ def _check_call(layout, q, k, v, names, ring_group, cu_seqlens, max_seqlen, drop
             if (end - begin) % 2:
                 raise ValueError(f"zigzag holds two equal chunks of every sequence on each rank, so every local "
                                  f"sequence length must be even; sequence {index} of cu_seqlens has {end - begin}")
-    ext = checks.check_device_support(shape, q.device, "varlen ring attention on CUDA tensors", q.dtype,
-                                      backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-    check_group_backend(q.device, ring_group, "varlen ring attention")
     world_size = ring_group.world_size
     keys = _key_stream(layout, tuple(bounds), world_size, shape.seqlen_q, q.device)
     runs = _query_runs(layout, bounds, ring_group.rank, world_size, causal, window)
@@ -94,12 +90,9 @@ def _check_call(layout, q, k, v, names, ring_group, cu_seqlens, max_seqlen, drop
 
 def _run(layout, packing, tensors, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
          alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride):
-    ring_group = resolve_group(group)
-    call = validate_together(ring_group.group, ring_group.world_size, lambda: _check_call(
-        layout, *unpack(packing, tensors, dim=1), PACKED_NAMES[packing], ring_group, cu_seqlens, max_seqlen, dropout_p,
-        softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, heads_k_stride))
-    out, lse = GatheredKVFunction.apply(packing, call, *tensors)
-    return (out, lse, None) if return_attn_probs else out
+    return attend(packing, tensors, group, return_attn_probs, lambda q, k, v, ring_group: _check_call(
+        layout, q, k, v, PACKED_NAMES[packing], ring_group, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+        window_size, alibi_slopes, deterministic, return_attn_probs, heads_k_stride))
 
 
 def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -112,7 +105,7 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, 
 def ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                          causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                          return_attn_probs=False, group=None, *, heads_k_stride=None):
-    check_packed_form(kv, "kv", 2, "k and v")
+    checks.check_packed(kv, "kv", 2, "k and v", varlen=True)
     return _run("ring", KV_PACKED, (q, kv), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride)
 
@@ -120,7 +113,7 @@ def ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_
 def ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                           causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                           return_attn_probs=False, group=None, *, heads_k_stride=None):
-    check_packed_form(qkv, "qkv", 3, "q, k and v")
+    checks.check_packed(qkv, "qkv", 3, "q, k and v", varlen=True)
     return _run("ring", QKV_PACKED, (qkv,), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride)
 
@@ -136,7 +129,7 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, d
                                                 causal=False, window_size=(-1, -1), alibi_slopes=None,
                                                 deterministic=False, return_attn_probs=False, group=None, *,
                                                 heads_k_stride=None):
-    check_packed_form(kv, "kv", 2, "k and v")
+    checks.check_packed(kv, "kv", 2, "k and v", varlen=True)
     return _run("zigzag", KV_PACKED, (q, kv), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride)
 
@@ -145,7 +138,7 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dr
                                                  causal=False, window_size=(-1, -1), alibi_slopes=None,
                                                  deterministic=False, return_attn_probs=False, group=None, *,
                                                  heads_k_stride=None):
-    check_packed_form(qkv, "qkv", 3, "q, k and v")
+    checks.check_packed(qkv, "qkv", 3, "q, k and v", varlen=True)
     return _run("zigzag", QKV_PACKED, (qkv,), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride)
 
@@ -162,7 +155,8 @@ _COMMON_DOC = """
       disagrees, or rejects its own arguments, makes every rank raise instead of hanging.
 """
 _SHAPES = {SEPARATE: "q (total_local, heads, head_dim), k and v (total_local, heads_kv, head_dim)",
-           KV_PACKED: "q and kv (total_local, 2, heads_kv, head_dim)", QKV_PACKED: "qkv (total_local, 3, heads, head_dim)"}
+           KV_PACKED: "q and kv (total_local, 2, heads_kv, head_dim)",
+           QKV_PACKED: "qkv (total_local, 3, heads, head_dim)"}
 
 
 def _document(function, layout, packing):
