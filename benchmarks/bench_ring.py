@@ -75,6 +75,26 @@ ALL_CONFIGS = tuple(Config(s, 32, kv, causal) for s in (8192, 32768) for kv in (
 QUICK_CONFIGS = (Config(8192, 32, 8, True), Config(8192, 32, 32, False))
 
 
+def add_run_arguments(p):
+    """The options measure(), load_peers() and bench_common.launch() read (bench_varlen.py shares them)."""
+    p.add_argument("--iters", type=int, default=0, help="timed iterations (default: enough for --target-s)")
+    p.add_argument("--target-s", type=float, default=1.0, help="seconds per timed loop when --iters is 0 (default 1)")
+    p.add_argument("--min-iters", type=int, default=5)
+    p.add_argument("--max-iters", type=int, default=500)
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before each measurement (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peers-dir", default=None, help="folder holding peers.py (default: see bench_ring.py)")
+    p.add_argument("--no-peers", action="store_true", help="measure ours only")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="processes to spawn when not started by torchrun (default: every visible GPU)")
+
+
+def timing_metadata(args):
+    """How the rows were timed, for the JSON."""
+    return {"warmup_iters": args.warmup, "iters": args.iters or None, "target_s": args.target_s,
+            "statistic": "total loop time of the slowest rank / iterations"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,20 +103,11 @@ def parse_args(argv=None):
                    help=f"'design' (DESIGN.md section 7, default), 'all', or a comma list of: {names}")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of ring, zigzag, stripe")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, fwd_bwd")
-    p.add_argument("--iters", type=int, default=0, help="timed iterations (default: enough for --target-s)")
-    p.add_argument("--target-s", type=float, default=1.0, help="seconds per timed loop when --iters is 0 (default 1)")
-    p.add_argument("--min-iters", type=int, default=5)
-    p.add_argument("--max-iters", type=int, default=500)
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before each measurement (default 3)")
+    add_run_arguments(p)
     p.add_argument("--quick", action="store_true",
                    help=f"configs {QUICK_CONFIGS[0].name} and {QUICK_CONFIGS[1].name}, --target-s 0.3")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peers-dir", default=None, help="folder holding peers.py (default: see above)")
-    p.add_argument("--no-peers", action="store_true", help="measure ours only")
     p.add_argument("--usp", action="store_true",
                    help="also Ulysses attention across all ranks: ours (usp_attn_func) and yunchang's")
-    p.add_argument("--nproc", type=int, default=0,
-                   help="processes to spawn when not started by torchrun (default: every visible GPU)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/ring_<gpu>_w<N>.json)")
     args = p.parse_args(argv)
     by_name = {c.name: c for c in ALL_CONFIGS}
@@ -363,6 +374,18 @@ def add_efficiency(rows, world):
             r["efficiency_own_kernel"] = r["iter_s"] / (own_base / world)
 
 
+def table_cell(row):
+    """A row's 15-character table cell: iter/s, with the efficiency where there is one, or its
+    status when it did not run; "-" for no row."""
+    if row is None:
+        return f"{'-':>15}"
+    if row["status"] != "ok":
+        return f"{row['status']:>15}"
+    if "efficiency" in row:
+        return f"{row['iter_s']:8.1f} ({100 * row['efficiency']:3.0f}%)"
+    return f"{row['iter_s']:15.1f}"
+
+
 def format_table(rows, layouts, usp=False):
     """One line per (config, mode): local kernels' iter/s, then each ring's iter/s and efficiency."""
     columns = [("ours_local", None), ("fa2_local", None)] + [(i, l) for i in ("ours", "rfa") for l in layouts]
@@ -376,17 +399,7 @@ def format_table(rows, layouts, usp=False):
     for r in rows:
         keyed.setdefault((r["config"], r["mode"]), {})[(r["impl"], r["layout"])] = r
     for (config, mode), by_key in keyed.items():
-        cells = []
-        for key in columns:
-            r = by_key.get(key)
-            if r is None:
-                cells.append(f"{'-':>15}")
-            elif r["status"] != "ok":
-                cells.append(f"{r['status']:>15}")
-            elif "efficiency" in r:
-                cells.append(f"{r['iter_s']:8.1f} ({100 * r['efficiency']:3.0f}%)")
-            else:
-                cells.append(f"{r['iter_s']:15.1f}")
+        cells = [table_cell(by_key.get(key)) for key in columns]
         lines.append(f"{config:22} {mode:7} " + " ".join(cells))
     return "\n".join(lines)
 
@@ -406,8 +419,7 @@ def run(args, rank, world, local_rank):
             peers_note += "; " + yc_note
         meta = bench_common.run_metadata(torch)
         meta.update(world_size=world, peers=peers_note, configs=[c.name for c in args.configs],
-                    timing={"warmup_iters": args.warmup, "iters": args.iters or None, "target_s": args.target_s,
-                            "statistic": "total loop time of the slowest rank / iterations"})
+                    timing=timing_metadata(args))
         out_path = args.out or os.path.join(bench_common.RESULTS_DIR,
                                             f"ring_{bench_common.gpu_slug(meta['gpu'])}_w{world}.json")
         if rank == 0:

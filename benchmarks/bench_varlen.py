@@ -43,7 +43,8 @@ import random  # noqa: E402
 import sys  # noqa: E402
 
 import bench_common  # noqa: E402
-from bench_ring import Ring, load_peers, make_step, measure  # noqa: E402
+from bench_ring import (Ring, add_run_arguments, load_peers, make_step, measure, table_cell,  # noqa: E402
+                        timing_metadata)
 
 MODES = ("fwd", "fwd_bwd")
 
@@ -82,17 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="all", help=f"'all' (default) or a comma list of: {names}")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, fwd_bwd")
     p.add_argument("--heads-k-stride", type=int, default=0, help="k/v heads per all-gather (default: all of them)")
-    p.add_argument("--iters", type=int, default=0, help="timed iterations (default: enough for --target-s)")
-    p.add_argument("--target-s", type=float, default=1.0, help="seconds per timed loop when --iters is 0 (default 1)")
-    p.add_argument("--min-iters", type=int, default=5)
-    p.add_argument("--max-iters", type=int, default=500)
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before each measurement (default 3)")
+    add_run_arguments(p)
     p.add_argument("--quick", action="store_true", help="--target-s 0.3")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peers-dir", default=None, help="folder holding peers.py (default: as bench_ring.py)")
-    p.add_argument("--no-peers", action="store_true", help="measure ours only")
-    p.add_argument("--nproc", type=int, default=0,
-                   help="processes to spawn when not started by torchrun (default: every visible GPU)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/varlen_<gpu>_w<N>.json)")
     args = p.parse_args(argv)
     by_name = {c.name: c for c in CONFIGS}
@@ -265,17 +257,7 @@ def format_table(rows):
     for r in rows:
         keyed.setdefault((r["config"], r["sequences"], r["mode"]), {})[r["impl"]] = r
     for (config, sequences, mode), by_impl in keyed.items():
-        cells = []
-        for impl in titles:
-            r = by_impl.get(impl)
-            if r is None:
-                cells.append(f"{'-':>15}")
-            elif r["status"] != "ok":
-                cells.append(f"{r['status']:>15}")
-            elif "efficiency" in r:
-                cells.append(f"{r['iter_s']:8.1f} ({100 * r['efficiency']:3.0f}%)")
-            else:
-                cells.append(f"{r['iter_s']:15.1f}")
+        cells = [table_cell(by_impl.get(impl)) for impl in titles]
         lines.append(f"{config:18} {sequences:5d} {mode:7} " + " ".join(cells))
     return "\n".join(lines)
 
@@ -293,8 +275,7 @@ def run(args, rank, world, local_rank):
             give_rfa_varlen_kernels(rfa, forward, backward)
         meta = bench_common.run_metadata(torch)
         meta.update(world_size=world, peers=peers_note, configs=[dataclasses.asdict(c) for c in args.configs],
-                    timing={"warmup_iters": args.warmup, "iters": args.iters or None, "target_s": args.target_s,
-                            "statistic": "total loop time of the slowest rank / iterations"})
+                    timing=timing_metadata(args))
         out_path = args.out or os.path.join(bench_common.RESULTS_DIR,
                                             f"varlen_{bench_common.gpu_slug(meta['gpu'])}_w{world}.json")
         if rank == 0:

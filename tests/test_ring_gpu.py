@@ -24,6 +24,7 @@ out, 3x for gradients), and, since every partial of the ring stays fp32, the rin
 most 1.5x the error of the single-GPU kernels on the unsharded tensors. GPU tests skip, with the
 reason, without a CUDA GPU or the compiled extension.
 """
+import contextlib
 import os
 import random
 import tempfile
@@ -579,13 +580,26 @@ def test_bad_arguments_raise_before_anything_runs():
         _C.ring_fwd(misaligned.view(1, seqlen_local, 4, head_dim), q[0], q[0], [[]], None, 1.0)
 
 
+@contextlib.contextmanager
+def _process_group(backend, rank, world_size, init_file):
+    """This spawned process as `rank` of a process group; yields its GPU. NCCL: one GPU per rank;
+    gloo: every rank on GPU 0."""
+    device = torch.device("cuda", rank if backend == "nccl" else 0)
+    if backend == "nccl":
+        os.environ.update(MULTICAST_OFF)
+    torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method="file://" + init_file, rank=rank, world_size=world_size)
+    try:
+        yield device
+    finally:
+        _ring_cuda.destroy_communicators()  # spawned processes end without running atexit handlers
+        dist.destroy_process_group()
+
+
 # (b) NCCL: one process per GPU.
 
 def _nccl_ring_worker(rank, world_size, init_file, head_dim, dtype):
-    os.environ.update(MULTICAST_OFF)
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method="file://" + init_file, rank=rank, world_size=world_size)
-    try:
+    with _process_group("nccl", rank, world_size, init_file):
         seed = 10
         for layout in LAYOUTS:
             for causal in (False, True):
@@ -593,27 +607,19 @@ def _nccl_ring_worker(rank, world_size, init_file, head_dim, dtype):
                 _check_nccl_case(rank, make_case(world_size, layout, causal, seqlen_local=130, heads=8, heads_kv=2),
                                  head_dim, dtype, seed)
         _check_nccl_graph_replay(rank, world_size, head_dim, dtype)
-    finally:
-        _ring_cuda.destroy_communicators()  # spawned processes end without running atexit handlers
-        dist.destroy_process_group()
 
 
 def _nccl_usp_worker(rank, world_size, init_file, head_dim, dtype):
     """usp_attn_func with every rank in one Ulysses group: the exchanges over NCCL."""
-    os.environ.update(MULTICAST_OFF)
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method="file://" + init_file, rank=rank, world_size=world_size)
-    try:
+    with _process_group("nccl", rank, world_size, init_file) as device:
         groups = ring_attn_ext.usp_groups(world_size)
         seed = 40
         for layout in LAYOUTS:
             for heads_kv in (2, 1):  # split over the group; replicated (world_size / heads_kv copies)
                 seed += 1
-                _check_usp_case(rank, torch.device("cuda", rank), make_case(
+                _check_usp_case(rank, device, make_case(
                     world_size, layout, True, seqlen_local=129, heads=8, heads_kv=heads_kv), head_dim, dtype, seed,
                     groups)
-    finally:
-        dist.destroy_process_group()
 
 
 def _check_nccl_case(rank, case, head_dim, dtype, seed):
@@ -665,13 +671,8 @@ def _check_usp_case(rank, device, case, head_dim, dtype, seed, groups):
 
 
 def _nccl_varlen_worker(rank, world_size, init_file, head_dim, dtype):
-    os.environ.update(MULTICAST_OFF)
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method="file://" + init_file, rank=rank, world_size=world_size)
-    try:
-        _check_varlen_cases(rank, world_size, torch.device("cuda", rank), head_dim, dtype)
-    finally:
-        dist.destroy_process_group()
+    with _process_group("nccl", rank, world_size, init_file) as device:
+        _check_varlen_cases(rank, world_size, device, head_dim, dtype)
 
 
 # Packed streams. llama3 (2 x 300 tokens): a one-token sequence, a sequence across the two chunks,
@@ -802,19 +803,15 @@ def test_nccl_on_two_gpus_matches_full_attention(monkeypatch, worker, what):
 # autograd back through both) runs where only one GPU is lent.
 
 def _gloo_usp_worker(rank, world_size, init_file, head_dim, dtype):
-    torch.cuda.set_device(0)
-    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world_size)
-    try:
+    with _process_group("gloo", rank, world_size, init_file) as device:
         groups = ring_attn_ext.usp_groups(world_size)
         seed = 50
         for layout in LAYOUTS:
             for causal, heads_kv in ((True, 2), (False, 1), (True, 1)):
                 seed += 1
-                _check_usp_case(rank, torch.device("cuda", 0), make_case(
+                _check_usp_case(rank, device, make_case(
                     world_size, layout, causal, seqlen_local=129, heads=8, heads_kv=heads_kv), head_dim, dtype,
                     seed, groups)
-    finally:
-        dist.destroy_process_group()
 
 
 @requires_cuda_extension
@@ -824,12 +821,8 @@ def test_usp_on_one_gpu_over_gloo_matches_full_attention():
 
 
 def _gloo_varlen_worker(rank, world_size, init_file, head_dim, dtype):
-    torch.cuda.set_device(0)
-    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world_size)
-    try:
-        _check_varlen_cases(rank, world_size, torch.device("cuda", 0), head_dim, dtype)
-    finally:
-        dist.destroy_process_group()
+    with _process_group("gloo", rank, world_size, init_file) as device:
+        _check_varlen_cases(rank, world_size, device, head_dim, dtype)
 
 
 @requires_cuda_extension
