@@ -13,9 +13,9 @@ rounded up to multiples of 2N (seeded, the same on every rank; the last one is c
 ends). For llama3, rank r holds tokens r * chunk : (r + 1) * chunk; for zigzag, its two chunks of
 2N of every sequence.
 Rows (time = the slowest rank's loop time / iterations, as in bench_ring.py):
-  ours_1gpu, fa2_1gpu  every GPU alone on the whole stream: flash_attn_varlen_func (ours: one
-                       kernel call per sequence) and PyTorch's FlashAttention-2 varlen kernels
-                       (aten::_flash_attention_forward/backward with cumulative lengths: one call).
+  ours_1gpu, fa2_1gpu  every GPU alone on the whole stream: flash_attn_varlen_func and PyTorch's
+                       FlashAttention-2 varlen kernels (aten::_flash_attention_forward/backward with
+                       cumulative lengths); each is one kernel launch for all sequences.
   ours, rfa            llama3_flash_attn_varlen_func across the N ranks, heads_k_stride = h_kv
                        (--heads-k-stride to change), on cu_seqlens from each library's own
                        llama3_flash_attn_prepare_cu_seqlens.
@@ -61,7 +61,7 @@ class Config:
 
 
 CONFIGS = (Config("long_s16k_kv8", 16384, 2048, 16384), Config("short_s16k_kv8", 16384, 128, 1024),
-           Config("long_s16k_kv32", 16384, 2048, 16384, heads_kv=32))
+           Config("tiny_s16k_kv8", 16384, 32, 256), Config("long_s16k_kv32", 16384, 2048, 16384, heads_kv=32))
 
 
 def sequence_bounds(total, min_len, max_len, seed, unit=1):

@@ -385,6 +385,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout,
     return {dq_accum.to(q.scalar_type()), dk_accum.to(k.scalar_type()), dv_accum.to(v.scalar_type())};
 }
 
+namespace {
+
+// The varlen entry points' shared checks. Returns the dims of q, k and v as a batch of one (seqlen_q
+// = total_q) with the launch's grid sizes in place of batch and the sequence lengths.
+Dims check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& sequences,
+                  int64_t max_seqlen_q, int64_t max_seqlen_k) {
+    for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+        RA_CHECK_VALUE(t->dim() == 3, name, " must have 3 dimensions (total_tokens, heads, head_dim), got shape ",
+                       t->sizes());
+    }
+    Dims d = check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0));
+    RA_CHECK_TYPE(sequences.scalar_type() == at::kInt, "sequences must be int32, got ", sequences.scalar_type());
+    RA_CHECK_VALUE(sequences.is_cuda() && sequences.device() == q.device(), "sequences must be on ", q.device());
+    RA_CHECK_VALUE(sequences.dim() == 2 && sequences.size(1) == 6 && sequences.is_contiguous(),
+                   "sequences must be a contiguous (n, 6) table, got shape ", sequences.sizes());
+    // The entries run along gridDim.y.
+    RA_CHECK_VALUE(sequences.size(0) <= 65535, "a varlen launch takes at most 65535 sequences, got ",
+                   sequences.size(0));
+    RA_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_q <= d.seqlen_q, "max_seqlen_q (", max_seqlen_q,
+                   ") must lie in [0, total_q = ", d.seqlen_q, "]");
+    RA_CHECK_VALUE(max_seqlen_k >= 0 && max_seqlen_k <= d.seqlen_k, "max_seqlen_k (", max_seqlen_k,
+                   ") must lie in [0, total_k = ", d.seqlen_k, "]");
+    return d;
+}
+
+// The launch-wide fields of a varlen call: grid sizes, kernel kind, the table.
+template <typename Params>
+void set_varlen(Params& p, const at::Tensor& sequences, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                bool is_masked) {
+    p.batch = static_cast<int>(sequences.size(0));
+    p.seqlen_q = static_cast<int>(max_seqlen_q);
+    p.seqlen_k = static_cast<int>(max_seqlen_k);
+    p.mask = MaskBand{0, 0, is_masked};  // each entry brings its own band
+    p.sequences = reinterpret_cast<const PackedSequence*>(sequences.data_ptr<int32_t>());
+}
+
+}  // namespace
+
+void flash_varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                      at::Tensor& lse, const at::Tensor& sequences, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                      double softmax_scale, bool is_masked) {
+    const Dims d = check_varlen(q, k, v, sequences, max_seqlen_q, max_seqlen_k);
+    check_scale(softmax_scale);
+    check_cuda_4d(out.unsqueeze(0), "out", q);
+    RA_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "out must have the dtype of q");
+    check_shape(out, "out", q.sizes());
+    check_fp32(lse, "lse", q);
+    check_shape(lse, "lse", {d.heads, d.seqlen_q});
+    const MaskBand kind{0, 0, is_masked};
+    FwdLauncher launcher = fwd_launcher_for(q, d, kind);
+    if (sequences.size(0) == 0) return;
+    c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor out_rows = out.unsqueeze(0), lse_rows = lse.unsqueeze(0);
+    FwdParams p = make_fwd_params(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), d, softmax_scale, kind, out_rows,
+                                  lse_rows, /*merge=*/false);
+    set_varlen(p, sequences, max_seqlen_q, max_seqlen_k, is_masked);
+    launcher(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void flash_varlen_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+                                 at::Tensor& dq_accum, at::Tensor& dk_accum, at::Tensor& dv_accum,
+                                 const at::Tensor& sequences, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                 double softmax_scale, bool is_masked) {
+    const Dims d = check_varlen(q, k, v, sequences, max_seqlen_q, max_seqlen_k);
+    check_scale(softmax_scale);
+    check_cuda_4d(dout.unsqueeze(0), "dout", q);
+    check_shape(dout, "dout", q.sizes());
+    RA_CHECK_TYPE(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
+    for (const auto& [t, name] : {std::pair{&lse, "lse"}, std::pair{&delta, "delta"}}) {
+        check_fp32(*t, name, q);
+        check_shape(*t, name, {d.heads, d.seqlen_q});
+    }
+    for (const auto& [t, name, like] : {std::tuple{&dq_accum, "dq_accum", &q}, std::tuple{&dk_accum, "dk_accum", &k},
+                                        std::tuple{&dv_accum, "dv_accum", &v}}) {
+        check_fp32(*t, name, q);
+        check_shape(*t, name, like->sizes());
+    }
+    // The TMA adds dQ into 16-byte aligned rows; a fresh accumulator has them.
+    RA_CHECK_VALUE(dq_accum.is_contiguous(), "dq_accum must be contiguous");
+    const MaskBand kind{0, 0, is_masked};
+    BwdLauncher launcher = bwd_launcher_for(q, d, kind);
+    if (sequences.size(0) == 0) return;
+    c10::cuda::CUDAGuard guard(q.device());
+    BwdParams p = make_bwd_params(dout.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                  lse.unsqueeze(0), delta.unsqueeze(0), d, softmax_scale, kind);
+    set_dq_accum(p, dq_accum.unsqueeze(0));
+    p.dk_accum = dk_accum.data_ptr<float>();
+    p.dv_accum = dv_accum.data_ptr<float>();
+    set_dkv_strides(p, dk_accum.unsqueeze(0), dv_accum.unsqueeze(0));
+    p.packed_rows_q = d.seqlen_q;
+    set_varlen(p, sequences, max_seqlen_q, max_seqlen_k, is_masked);
+    launcher(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::vector<int64_t> supported_head_dims() {
     std::vector<int64_t> dims;
     for (int dim : compiled_head_dims()) dims.push_back(dim);

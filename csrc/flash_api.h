@@ -61,6 +61,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& dout,
                                                          std::optional<int64_t> key_offset_min,
                                                          std::optional<int64_t> key_offset_max);
 
+// Packed variable-length sequences, one launch for all of them. q (total_q, h, d), k and v
+// (total_k, h_kv, d); `sequences` an int32 (n, 6) CUDA tensor of PackedSequence entries
+// (q_begin, q_end, k_begin, k_end, key_offset_min, key_offset_max) per row (flash/flash_params.h),
+// which the caller builds and the kernels trust (ring_attn_ext/packed_kernels.py); max_seqlen_q and
+// max_seqlen_k: the longest query and key run of the table; is_masked: whether any entry's band
+// hides a key from a query of its entry.
+// Forward: writes the entries' rows of out (total_q, h, d, q's dtype) and lse (h, total_q, fp32);
+// rows of no entry keep what they hold.
+void flash_varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                      at::Tensor& lse, const at::Tensor& sequences, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                      double softmax_scale, bool is_masked);
+
+// Backward: adds the entries' gradients into fp32 dq_accum (total_q, h, d, contiguous), dk_accum and
+// dv_accum (total_k, h_kv, d, last dimension contiguous). lse and delta are (h, total_q) fp32 (delta
+// from flash_bwd_delta on the packed rows as a batch of one). Entries of one call must not share keys.
+void flash_varlen_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& lse, const at::Tensor& delta,
+                                 at::Tensor& dq_accum, at::Tensor& dk_accum, at::Tensor& dv_accum,
+                                 const at::Tensor& sequences, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                 double softmax_scale, bool is_masked);
+
 // Head dims this build compiled (RING_ATTN_HEAD_DIMS at build time).
 std::vector<int64_t> supported_head_dims();
 

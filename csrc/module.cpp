@@ -29,6 +29,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("bwd", &flash_bwd, "Attention backward: returns (dq, dk, dv)", py::arg("dout"), py::arg("q"),
           py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("softmax_scale"),
           py::arg("key_offset_min"), py::arg("key_offset_max"));
+    m.def("varlen_fwd", &flash_varlen_fwd,
+          "Forward of packed variable-length sequences in one launch, written into out and lse in place",
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("sequences"),
+          py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("softmax_scale"), py::arg("is_masked"));
+    m.def("varlen_bwd_accumulate", &flash_varlen_bwd_accumulate,
+          "Backward of packed variable-length sequences in one launch, added into fp32 accumulators",
+          py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lse"), py::arg("delta"),
+          py::arg("dq_accum"), py::arg("dk_accum"), py::arg("dv_accum"), py::arg("sequences"),
+          py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("softmax_scale"), py::arg("is_masked"));
     m.def("supported_head_dims", &supported_head_dims, "Head dims compiled into this build");
     m.def("compiled_kernels", &compiled_kernel_list,
           "(direction, head_dim, dtype, is_masked) of every kernel compiled into this build");

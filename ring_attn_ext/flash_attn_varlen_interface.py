@@ -6,6 +6,8 @@ causal and window_size apply within each sequence, aligned to its bottom-right c
 flash_attn_func: query i of a sequence with s_q queries and s_k keys sits at key position
 i + s_k - s_q.
 """
+import functools
+
 import torch
 
 from . import checks
@@ -42,11 +44,17 @@ def _validate(what, packing, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                          f"and {len(bounds_k) - 1}")
     needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     ext = checks.check_device_support(shape, q.device, what, q.dtype, backward=needs_backward)
-    sequences = tuple(
+    return ext, softmax_scale, _sequences(tuple(bounds_q), tuple(bounds_k), causal, window)
+
+
+@functools.lru_cache(maxsize=64)
+def _sequences(bounds_q, bounds_k, causal, window):
+    """The Sequence of every (query run, key run) pair, cached per packing: every attention layer
+    of a step asks for the same one, and building it costs about a microsecond per sequence."""
+    return tuple(
         Sequence(slice(q_begin, q_end), slice(k_begin, k_end), band_for(q_end - q_begin, k_end - k_begin, causal,
                                                                          window))
         for q_begin, q_end, k_begin, k_end in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:]))
-    return ext, softmax_scale, sequences
 
 
 def _result(out, lse, return_attn_probs):
@@ -65,7 +73,7 @@ _COMMON_DOC = """
     return_attn_probs: if True, return (out, lse, None) with lse (heads, total_q) float32 (float64
     for float64 tensors off CUDA); rows that see no key have lse -inf and out 0.
 
-    CUDA tensors run our kernels once per sequence (float16 or bfloat16, a compiled head_dim);
+    CUDA tensors run our kernels, all sequences in one launch (float16 or bfloat16, a compiled head_dim);
     tensors on other devices run the PyTorch reference.
 """
 

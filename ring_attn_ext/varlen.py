@@ -7,10 +7,9 @@ is in q's dtype and lse (h, total_q) in fp32 (float64 for float64 tensors off CU
 flash-attn's varlen functions. Query rows that belong to no sequence (padding after
 cu_seqlens_q[-1]) get out 0, lse -inf and gradient 0.
 
-Each sequence runs on views of the packed tensors with a batch of one: through our CUDA kernels
-(ring_attn_ext._C.fwd / bwd) for CUDA tensors, through the PyTorch reference elsewhere. That is
-one kernel launch per sequence, so many short sequences leave a large GPU underused; a kernel that
-walks cu_seqlens itself is not written yet.
+CUDA tensors run all sequences in one launch of our kernels, which read a table of the sequences
+on the device (packed_kernels.py); tensors elsewhere run the PyTorch reference on each sequence's
+rows as a batch of one.
 """
 import numbers
 import typing
@@ -21,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import checks
 from .flash_attn_interface import attention_backward, prepare_for_kernels
+from .packed_kernels import packed_backward, packed_forward
 from .packing import KV_PACKED, QKV_PACKED, SEPARATE, pack, unpack
 from .ring_reference import accumulation_dtype, piece_forward
 
@@ -112,16 +112,15 @@ def _one(t, rows):
 def varlen_forward(ext, q, k, v, sequences, softmax_scale, out, lse):
     """Writes each sequence's attention into out (total_q, h, d) and lse (h, total_q), views the
     caller owns; rows of no sequence keep what they hold (the caller fills them with 0 and -inf)."""
+    if ext is not None:
+        return packed_forward(ext, q, k, v, sequences, softmax_scale, out, lse)
     accum = accumulation_dtype(q.dtype)
     for sequence in sequences:
         rows, keys = sequence.queries, sequence.keys
         if rows.stop == rows.start or keys.stop == keys.start:
             continue  # no queries, or no keys to see: the caller's 0 and -inf stand
-        if ext is not None:
-            seq_out, seq_lse = ext.fwd(_one(q, rows), _one(k, keys), _one(v, keys), softmax_scale, *sequence.band)
-        else:
-            seq_out, seq_lse = piece_forward(_one(q, rows), _one(k, keys), _one(v, keys), softmax_scale,
-                                             *sequence.band, accum)
+        seq_out, seq_lse = piece_forward(_one(q, rows), _one(k, keys), _one(v, keys), softmax_scale,
+                                         *sequence.band, accum)
         out[rows] = seq_out[0]
         lse[:, rows] = seq_lse[0]
 
@@ -131,6 +130,8 @@ def varlen_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, 
     the caller owns, filled with zeros (rows of no sequence keep them). Several entries of
     `sequences` may share keys (the runs of one sequence's queries in the zigzag layout): their dK/dV
     add up."""
+    if ext is not None:
+        return packed_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, dk, dv)
     for sequence in sequences:
         rows, keys = sequence.queries, sequence.keys
         if rows.stop == rows.start or keys.stop == keys.start:

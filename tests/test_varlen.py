@@ -143,7 +143,7 @@ def test_varlen_rejects_bad_arguments(error_type, fragment, call):
     assert fragment in str(raised.value)
 
 
-# On CUDA: our kernels once per sequence, by FlashAttention's rule (2x the same-dtype error for out,
+# On CUDA: our kernels, one launch for all sequences, by FlashAttention's rule (2x the same-dtype error for out,
 # 3x for gradients) against the float64 dense attention.
 GPU_SEQUENCES = [
     ([0, 1, 18, 145, 145, 400, 657], 660, [0, 1, 30, 145, 200, 400, 657], 657),

@@ -1,5 +1,6 @@
 // FlashAttention-2-style backward ("seqk-parallel"): one CTA per (key block, batch, query head),
-// started in the order bwd_cta_order.h chooses.
+// started in the order bwd_cta_order.h chooses; in a varlen launch, one per (key block, packed
+// sequence, query head) (packed_sequences.h).
 // The CTA keeps its K and V tile in shared memory and walks the query blocks that the mask band lets
 // see any of its keys, from the last to the first (banded kernels: in three loops, so that blocks
 // which need per-element masking run apart from those that do not). For each query block it
@@ -29,6 +30,7 @@
 #include "dq_tensor_map.h"
 #include "flash_params.h"
 #include "mask.h"
+#include "packed_sequences.h"
 
 namespace ring_attn {
 namespace bwd {
@@ -82,18 +84,22 @@ __device__ __forceinline__ void zero_rows_fp32(float* start, int64_t row_stride,
 // dQ staging (Traits::kStageDq, Hopper): after a query block's dQ = dS K, every thread stores its
 // fragment into the fp32 staging tile and fences the stores for the TMA; after the next barrier
 // thread 0 issues one bulk tensor reduction per 8-column slice into dq_accum (rows past seqlen_q
-// fall outside the descriptor's tensor and are skipped), and before the tile is rewritten, a block
-// later, waits until the TMA has read it. The barrier that already separates two query blocks
-// orders the stores before the reductions, so staging adds none; the adds leave the SM as a few
-// TMA requests instead of 16 atomics per thread (no LSU throttling of the warps).
+// fall outside the descriptor's tensor and are skipped; in a varlen launch, whose descriptor spans all
+// sequences, they are the next sequence's rows and receive exact zeros, since P and dS are 0 in rows
+// past seqlen_q), and before the tile is rewritten, a block later, waits until the TMA has read it.
+// The barrier that already separates two query blocks orders the stores before the reductions, so
+// staging adds none; the adds leave the SM as a few TMA requests instead of 16 atomics per thread (no
+// LSU throttling of the warps).
+// map_row0: where row 0 of this CTA's queries sits in the descriptor (a varlen sequence's first
+// packed row; 0 otherwise).
 template <typename Traits>
 __device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, const float* smem_dq, int first_row,
-                                                 int head, int batch) {
+                                                 int map_row0, int head, int batch) {
     if (threadIdx.x == 0 && first_row >= 0) {
         CUTE_UNROLL
         for (int slice = 0; slice < Traits::kHeadDim / kDqSliceCols; ++slice) {
             tma_reduce_add_4d(&dq_map, smem_dq + slice * Traits::kBlockM * kDqSliceCols, slice * kDqSliceCols,
-                              first_row, head, batch);
+                              map_row0 + first_row, head, batch);
         }
         commit_bulk_group();
     }
@@ -103,9 +109,10 @@ __device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, cons
 // pass true and test the block's width themselves: a key tail masks every block of their walk).
 // kStageDq: dQ leaves through the staging tile and the TMA (needs Traits::kStageDq, which sizes
 // shared memory for it); otherwise through atomics.
+// dq_map_row0: the descriptor row of this CTA's query row 0 (reduce_staged_dq).
 template <typename Traits, bool kIsMasked, bool kKeysTail, bool kStageDq>
 __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw,
-                                                 const CtaTile& tile) {
+                                                 const CtaTile& tile, int dq_map_row0) {
     using namespace cute;
     using Element = typename Traits::Element;
     constexpr int kBlockM = Traits::kBlockM;
@@ -299,7 +306,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
 
         cute::cp_async_wait<0>();
         __syncthreads();  // this block's Q/dO (and K/V) have landed; every warp is done with the last block
-        if constexpr (kStageDq) reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, head, batch);
+        if constexpr (kStageDq) reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, dq_map_row0, head, batch);
 
         // The next query block loads into the other buffer (free since the barrier above: the last
         // block's products have all read it) during this whole block. Only the first block of the
@@ -439,7 +446,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
 
     if constexpr (kStageDq) {
         __syncthreads();  // the last block's staged dQ is complete
-        reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, head, batch);
+        reduce_staged_dq<Traits>(dq_map, smem_dq, staged_dq_row, dq_map_row0, head, batch);
         if (tid == 0) wait_bulk_done();
     }
 
@@ -512,16 +519,29 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
 // got wrong dQ, dK and dV, and compute-sanitizer's racecheck showed one lane's ldmatrix of dS
 // reading past the dS tile into the staging tile. The cause was not found in the source (the
 // interior copy and the d128 build, staged the same way, are correct and race-free).
-template <typename Traits, bool kIsMasked, CtaOrder kOrder>
-__device__ __forceinline__ void compute_key_block(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw) {
-    const CtaTile tile = cta_tile<kOrder>();
+template <typename Traits, bool kIsMasked>
+__device__ __forceinline__ void compute_key_block(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw,
+                                                  const CtaTile& tile, int dq_map_row0) {
     if constexpr (kIsMasked) {
-        compute_dq_dk_dv<Traits, true, true, Traits::kStageDq>(params, dq_map, smem_raw, tile);
+        compute_dq_dk_dv<Traits, true, true, Traits::kStageDq>(params, dq_map, smem_raw, tile, dq_map_row0);
     } else if ((tile.n_block + 1) * Traits::kBlockN <= params.seqlen_k) {
-        compute_dq_dk_dv<Traits, false, false, Traits::kStageDq>(params, dq_map, smem_raw, tile);
+        compute_dq_dk_dv<Traits, false, false, Traits::kStageDq>(params, dq_map, smem_raw, tile, dq_map_row0);
     } else {
-        compute_dq_dk_dv<Traits, false, true, false>(params, dq_map, smem_raw, tile);
+        compute_dq_dk_dv<Traits, false, true, false>(params, dq_map, smem_raw, tile, dq_map_row0);
     }
+}
+
+// One CTA of a varlen launch (BwdParams::sequences): key block blockIdx.x of table entry blockIdx.y,
+// query head blockIdx.z, on the entry's rows as a batch of one. The grid is sized by the longest key
+// run, so CTAs past their entry's keys return at once.
+template <typename Traits, bool kIsMasked>
+__device__ __forceinline__ void compute_packed_key_block(const BwdParams& params, const CUtensorMap& dq_map,
+                                                         char* smem_raw) {
+    const PackedSequence sequence = load_packed_sequence(params.sequences, blockIdx.y);
+    const BwdParams one = sequence_params<typename Traits::Element>(params, sequence);
+    if (int(blockIdx.x) * Traits::kBlockN >= one.seqlen_k) return;
+    compute_key_block<Traits, kIsMasked>(one, dq_map, smem_raw, CtaTile{int(blockIdx.x), 0, int(blockIdx.z)},
+                                         sequence.q_begin);
 }
 
 }  // namespace bwd
@@ -535,9 +555,22 @@ __global__ void __launch_bounds__(TraitsSm90::kThreads, 1) flash_bwd_kernel(cons
     static_assert(TraitsSm90::kThreads == TraitsSm80::kThreads && TraitsSm90::kBlockN == TraitsSm80::kBlockN);
     extern __shared__ __align__(128) char smem[];  // 128: TMA boxes
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    bwd::compute_key_block<TraitsSm90, kIsMasked, kOrder>(params, dq_map, smem);
+    bwd::compute_key_block<TraitsSm90, kIsMasked>(params, dq_map, smem, bwd::cta_tile<kOrder>(), 0);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    bwd::compute_key_block<TraitsSm80, kIsMasked, kOrder>(params, dq_map, smem);
+    bwd::compute_key_block<TraitsSm80, kIsMasked>(params, dq_map, smem, bwd::cta_tile<kOrder>(), 0);
+#endif
+}
+
+// The varlen backward (BwdParams::sequences), in the plain order: grid (key blocks of the longest
+// key run, table entries, heads). dq_map spans every packed row, as a batch of one.
+template <typename TraitsSm90, typename TraitsSm80, bool kIsMasked>
+__global__ void __launch_bounds__(TraitsSm90::kThreads, 1)
+    flash_bwd_packed_kernel(const __grid_constant__ BwdParams params, const __grid_constant__ CUtensorMap dq_map) {
+    extern __shared__ __align__(128) char smem[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    bwd::compute_packed_key_block<TraitsSm90, kIsMasked>(params, dq_map, smem);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    bwd::compute_packed_key_block<TraitsSm80, kIsMasked>(params, dq_map, smem);
 #endif
 }
 

@@ -93,17 +93,28 @@ void launch_flash_bwd(const BwdParams& params, cudaStream_t stream) {
                                  std::to_string(smem_bytes) + " bytes of shared memory per block; this GPU allows " +
                                  std::to_string(max_smem));
     }
+    const bool packed = params.sequences != nullptr;
+    if (packed && (params.dk_out != nullptr || params.dkv_overwrite)) {
+        throw std::invalid_argument("launch_flash_bwd: a varlen launch adds dK/dV (no dk_out, no overwrite)");
+    }
     // The Hopper kernel adds dQ through the TMA when its traits stage dQ; otherwise the descriptor
     // stays unused (zeros).
     CUtensorMap dq_map{};
-    if (major >= 9 && Sm90::kStageDq) dq_map = make_dq_tensor_map(params, Sm90::kBlockM);
-    const bwd::CtaOrder order = bwd::choose_cta_order<Sm90::kBlockN, kIsMasked>(params, num_sms);
+    if (major >= 9 && Sm90::kStageDq) {
+        // A varlen launch's descriptor spans every packed query row, as a batch of one.
+        BwdParams extent = params;
+        if (packed) extent.batch = 1, extent.seqlen_q = params.packed_rows_q;
+        dq_map = make_dq_tensor_map(extent, Sm90::kBlockM);
+    }
+    const bwd::CtaOrder order =
+        packed ? bwd::CtaOrder::kPlain : bwd::choose_cta_order<Sm90::kBlockN, kIsMasked>(params, num_sms);
     const dim3 grid = bwd::cta_grid<Sm90::kBlockN>(order, params);
     auto launch = [&](auto kernel) {
         bwd::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
                         "cudaFuncSetAttribute(max dynamic shared memory)");
         kernel<<<grid, Sm90::kThreads, smem_bytes, stream>>>(params, dq_map);
     };
+    if (packed) return launch(&flash_bwd_packed_kernel<Sm90, Sm80, kIsMasked>);
     // Only banded kernels are instantiated in the key-block-major orders (the others never use them).
     using bwd::CtaOrder;
     if constexpr (kIsMasked) {

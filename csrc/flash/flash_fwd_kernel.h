@@ -26,6 +26,7 @@
 #include "fwd_traits.h"
 #include "gemm_smem.h"
 #include "mask.h"
+#include "packed_sequences.h"
 #include "softmax.h"
 #include "utils.h"
 
@@ -185,6 +186,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const int m_block = kIsMasked ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     compute_fwd_tile<Traits, kIsMasked>(params, m_block, blockIdx.y, blockIdx.z);
+#endif
+}
+
+// The varlen forward (FwdParams::sequences): grid (query blocks of the longest query run, table
+// entries, heads); each CTA works on its entry's rows as a batch of one, in the same query-block
+// order as above, and CTAs past their entry's queries return at once.
+template <class Traits, bool kIsMasked>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    flash_fwd_packed_kernel(const __grid_constant__ FwdParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const FwdParams one =
+        sequence_params<typename Traits::Element>(params, load_packed_sequence(params.sequences, blockIdx.y));
+    const int m_blocks = (one.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+    if (int(blockIdx.x) >= m_blocks) return;
+    const int m_block = kIsMasked ? m_blocks - 1 - int(blockIdx.x) : int(blockIdx.x);
+    compute_fwd_tile<Traits, kIsMasked>(one, m_block, 0, blockIdx.z);
 #endif
 }
 

@@ -59,10 +59,15 @@ void launch_flash_fwd(const FwdParams& params, cudaStream_t stream) {
     if (params.mask.is_masked != kIsMasked) {
         throw std::invalid_argument("launch_flash_fwd: mask kind does not match the instantiation");
     }
+    const bool packed = params.sequences != nullptr;
+    if (packed && (params.merge_into_accum || params.out_final != nullptr)) {
+        throw std::invalid_argument("launch_flash_fwd: a varlen launch is a plain forward (no merge, no emit)");
+    }
     // Without keys only emit mode has work: every tile takes the kernel's no-key path.
     if (params.batch == 0 || params.seqlen_q == 0 || (params.seqlen_k == 0 && params.out_final == nullptr)) return;
 
-    auto kernel = &flash::flash_fwd_kernel<Traits, kIsMasked>;
+    auto kernel =
+        packed ? &flash::flash_fwd_packed_kernel<Traits, kIsMasked> : &flash::flash_fwd_kernel<Traits, kIsMasked>;
     constexpr int kSmemBytes = Traits::kSmemBytes;
     if (kSmemBytes > 48 * 1024) {
         const cudaError_t status =

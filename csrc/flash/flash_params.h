@@ -19,6 +19,19 @@ struct MaskBand {
     bool is_masked;
 };
 
+// Packed variable-length sequences (varlen): q, k and v hold many sequences back to back along
+// their row dimension (batch stride unused), and a device table of PackedSequence, one per grid
+// entry along the batch axis, says where each lies and which band its queries see. In a forward,
+// entries may share keys (the two runs of one sequence's queries in the zigzag layout); in a
+// backward they must not, since without GQA a key block's dK/dV add is not atomic. The caller builds the
+// table (ring_attn_ext/packed_kernels.py) and the kernels trust it: rows inside the tensors, every
+// sequence non-empty on both sides, the band clamped into [-seqlen_q, seqlen_k] of its sequence.
+struct PackedSequence {
+    int q_begin, q_end;  // query rows [q_begin, q_end)
+    int k_begin, k_end;  // key rows [k_begin, k_end)
+    int key_offset_min, key_offset_max;  // the band, as MaskBand's, within the sequence
+};
+
 struct FwdParams {
     const void* q;
     const void* k;
@@ -56,6 +69,12 @@ struct FwdParams {
     float softmax_scale;        // usually head_dim^-0.5
     float softmax_scale_log2;   // softmax_scale * log2(e), for exp2-based softmax
     MaskBand mask;
+
+    // Varlen (nullptr: a plain batch). Then `batch` counts the table's entries, seqlen_q and
+    // seqlen_k are the longest query and key runs (they size the grid), `mask.is_masked` says
+    // whether any entry's band masks, lse is (heads, total_q) (lse_batch_stride unused) and only
+    // a plain call (no merge, no emit) is allowed.
+    const PackedSequence* sequences;
 };
 
 struct BwdParams {
@@ -107,6 +126,12 @@ struct BwdParams {
     float softmax_scale;
     float softmax_scale_log2;
     MaskBand mask;
+
+    // Varlen (nullptr: a plain batch), as in FwdParams; lse and delta are (heads, total_q), the
+    // accumulators (total, heads, head_dim), and dQ is only added (dk_accum / dv_accum too: no
+    // dk_out, no overwrite). packed_rows_q: total_q, the extent of dq_accum's rows.
+    const PackedSequence* sequences;
+    int packed_rows_q;
 };
 
 }  // namespace ring_attn
