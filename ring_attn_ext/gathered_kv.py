@@ -6,7 +6,7 @@ Every rank all-gathers K/V, heads_k_stride k/v heads at a time (the gather of th
 while the current ones are computed; fewer heads at a time bound the memory the gathered copies
 take), picks out of the gathered rows (rank order) the key stream its queries need (`keys`: a slice,
 or an index that also reorders), and attends each run of its queries to the keys of its sequence
-(`sequences`, varlen.py: one call of our kernels per run on CUDA, the reference elsewhere). The
+(`sequences`, varlen.py: one launch of our kernels for all runs on CUDA, the reference elsewhere). The
 backward gathers K/V again, computes dK/dV of the gathered rows in fp32 and reduce-scatters them
 back to the ranks that own the rows.
 
