@@ -22,6 +22,8 @@ import typing
 
 import torch
 
+from . import checks
+
 MAX_ENTRIES = 65535
 
 
@@ -116,7 +118,7 @@ def packed_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, 
     """Adds every sequence's gradients into dq (total_q, h, d), dk and dv (total_k, h_kv, d). dK/dV
     accumulate in place when their destinations are float32, else in float32 buffers added at the end."""
     dq_accum = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dout = checks.kernel_compatible(dout)
     # delta = rowsum(dout * out) per row; the same pass zero-fills dq_accum.
     delta = ext.bwd_delta(dout.unsqueeze(0), out.unsqueeze(0), dq_accum.unsqueeze(0))[0]
     dk_accum, dv_accum = (t if t.dtype == torch.float32 else torch.zeros(t.shape, dtype=torch.float32,
