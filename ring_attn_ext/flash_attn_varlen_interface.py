@@ -44,7 +44,7 @@ def _validate(what, packing, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                          f"and {len(bounds_k) - 1}")
     needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     ext = checks.check_device_support(shape, q.device, what, q.dtype, backward=needs_backward)
-    return ext, softmax_scale, _sequences(tuple(bounds_q), tuple(bounds_k), causal, window)
+    return ext, softmax_scale, _sequences(bounds_q, bounds_k, causal, window)
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,6 +11,7 @@ CUDA tensors run all sequences in one launch of our kernels, which read a table 
 on the device (packed_kernels.py); tensors elsewhere run the PyTorch reference on each sequence's
 rows as a batch of one.
 """
+import functools
 import numbers
 import typing
 
@@ -39,9 +40,9 @@ class Sequence(typing.NamedTuple):
 
 
 def check_cu_seqlens(cu_seqlens, name, total):
-    """The boundaries of cu_seqlens as a list of ints (read on the host once per tensor and
-    version, see _host_bounds): a 1-D int32 or int64 tensor that starts at 0, never decreases and
-    ends at most at `total`, the rows of the packed tensor it describes (None: no such bound)."""
+    """The boundaries of cu_seqlens as a tuple of ints (read and checked on the host once per tensor
+    and version, see _host_bounds): a 1-D int32 or int64 tensor that starts at 0, never decreases
+    and ends at most at `total`, the rows of the packed tensor it describes (None: no such bound)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got "
                         f"{type(cu_seqlens).__name__}")
@@ -50,46 +51,59 @@ def check_cu_seqlens(cu_seqlens, name, total):
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 (or int64), got {cu_seqlens.dtype}")
-    bounds = _host_bounds(cu_seqlens)
-    if bounds[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {bounds[0]}")
-    for index, (begin, end) in enumerate(zip(bounds, bounds[1:])):
-        if end < begin:
-            raise ValueError(f"{name} must never decrease: sequence {index} would have length {end - begin}")
+    bounds = _host_bounds(cu_seqlens, name)
     if total is not None and bounds[-1] > total:
         raise ValueError(f"{name} ends at {bounds[-1]}, past the {total} rows of the packed tensor it describes")
     return bounds
 
 
-# cu_seqlens tensor -> (its version counter, its values as a list). A model passes the same
+# cu_seqlens tensor -> (its version counter, its checked values as a tuple). A model passes the same
 # cu_seqlens to every attention layer of a step; reading a CUDA tensor on the host waits for all the
-# GPU work queued before it, so each layer would drain the GPU's queue and start it again empty.
-# Read once per tensor, and again only after an in-place change (which bumps the version counter);
-# weak keys drop a tensor's entry when the tensor dies.
+# GPU work queued before it, so each layer would drain the GPU's queue and start it again empty, and
+# checking the values again costs time that grows with the number of sequences. Read and check once
+# per tensor, and again only after an in-place change (which bumps the version counter); weak keys
+# drop a tensor's entry when the tensor dies.
 _HOST_BOUNDS = WeakIdKeyDictionary()
 
 
-def _host_bounds(cu_seqlens):
+def _host_bounds(cu_seqlens, name):
     try:
         version = cu_seqlens._version
     except RuntimeError:  # tensors made under torch.inference_mode() keep no version counter
-        return cu_seqlens.tolist()
+        return _read_bounds(cu_seqlens, name)
     cached = _HOST_BOUNDS.get(cu_seqlens)
     if cached is not None and cached[0] == version:
         return cached[1]
-    bounds = cu_seqlens.tolist()
+    bounds = _read_bounds(cu_seqlens, name)
     _HOST_BOUNDS[cu_seqlens] = (version, bounds)
     return bounds
 
 
+def _read_bounds(cu_seqlens, name):
+    """cu_seqlens on the host as a tuple, checked to start at 0 and never decrease."""
+    bounds = tuple(cu_seqlens.tolist())
+    if bounds[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {bounds[0]}")
+    for index, (begin, end) in enumerate(zip(bounds, bounds[1:])):
+        if end < begin:
+            raise ValueError(f"{name} must never decrease: sequence {index} would have length {end - begin}")
+    return bounds
+
+
+@functools.lru_cache(maxsize=64)
+def _longest(bounds):
+    return max(end - begin for begin, end in zip(bounds, bounds[1:]))
+
+
 def check_max_seqlen(max_seqlen, name, bounds, cu_name):
-    """max_seqlen must be an int no smaller than the longest sequence of `bounds`: flash-attn sizes
-    its grid by it and would leave the rows beyond it unwritten without a word."""
+    """max_seqlen must be an int no smaller than the longest sequence of `bounds` (a tuple from
+    check_cu_seqlens): flash-attn sizes its grid by it and would leave the rows beyond it unwritten
+    without a word."""
     if isinstance(max_seqlen, torch.Tensor) and max_seqlen.dim() == 0 and not max_seqlen.is_floating_point():
         max_seqlen = max_seqlen.item()
     if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool):
         raise TypeError(f"{name} must be an int, got {max_seqlen!r}")
-    longest = max(end - begin for begin, end in zip(bounds, bounds[1:]))
+    longest = _longest(bounds)
     if max_seqlen < longest:
         raise ValueError(f"{name} ({max_seqlen}) is smaller than the longest sequence of {cu_name} ({longest})")
 

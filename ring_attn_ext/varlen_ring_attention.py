@@ -80,7 +80,7 @@ def _check_call(layout, q, k, v, names, ring_group, cu_seqlens, max_seqlen, drop
                 raise ValueError(f"zigzag holds two equal chunks of every sequence on each rank, so every local "
                                  f"sequence length must be even; sequence {index} of cu_seqlens has {end - begin}")
     world_size = ring_group.world_size
-    keys = _key_stream(layout, tuple(bounds), world_size, shape.seqlen_q, q.device)
+    keys = _key_stream(layout, bounds, world_size, shape.seqlen_q, q.device)
     runs = _query_runs(layout, bounds, ring_group.rank, world_size, causal, window)
     signature = Signature("varlen", (1, *q.shape), (1, *k.shape), q.dtype, q.device.type, layout, causal,
                           tuple(window), scale, heads_k_stride=stride,

@@ -2,6 +2,8 @@
 dense attention over the packed rows under an explicit per-sequence mask (conftest's varlen_mask):
 CPU float64 end to end, and CUDA by FlashAttention's error rule. Forward, lse and gradients; empty
 sequences, sequences without keys, padding rows past cu_seqlens_q[-1], GQA, windows, the errors."""
+import re
+
 import pytest
 import torch
 
@@ -104,6 +106,20 @@ def test_varlen_rereads_cu_seqlens_changed_in_place():
         frozen = torch.tensor([0, 9, 12], dtype=torch.int32)
         out = flash_attn_varlen_func(q, k, v, frozen, frozen, 12, 12, causal=True)
     assert (out - expected).abs().max() <= ATOL
+
+
+def test_varlen_checks_cu_seqlens_again_after_in_place_change():
+    """The host copy of cu_seqlens is checked when it is read; a tensor that passed once and is then
+    changed in place into a bad one must fail the checks on its next use."""
+    q = torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    flash_attn_varlen_func(q, q, q, cu, cu, 4, 4)
+    cu[1] = 5  # lengths 5 and 1: max_seqlen 4 is now too small
+    with pytest.raises(ValueError, match=re.escape("max_seqlen_q (4) is smaller than the longest sequence")):
+        flash_attn_varlen_func(q, q, q, cu, cu, 4, 5)
+    cu[1] = 7  # would decrease
+    with pytest.raises(ValueError, match="cu_seqlens_q must never decrease: sequence 1"):
+        flash_attn_varlen_func(q, q, q, cu, cu, 7, 7)
 
 
 def bad_varlen_calls():
