@@ -7,12 +7,15 @@ PyTorch reference, so every function also works without a GPU. Ulysses x ring (U
 usp_groups and usp_attn_func. Decoding over a key/value cache split across ranks: tree_attn_decode.
 Packed variable-length sequences: flash_attn_varlen_func (and its packed forms) on one device, and
 ring-flash-attn's llama3_flash_attn_varlen_func, ring_flash_attn_varlen_func and
-zigzag_ring_flash_attn_varlen_func (all-gathered K/V) across a process group.
+zigzag_ring_flash_attn_varlen_func (all-gathered K/V) across a process group. Hugging Face
+transformers models: register_hf_attention, and ring-flash-attn's substitute_hf_flash_attn with
+update_ring_flash_attn_params.
 """
 from ._extension import has_extension
 from .flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from .flash_attn_varlen_interface import (flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                           flash_attn_varlen_qkvpacked_func)
+from .hf_attention import register_hf_attention, substitute_hf_flash_attn, update_ring_flash_attn_params
 from .llama3_attention import (llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func,
                                llama3_flash_attn_varlen_kvpacked_func, llama3_flash_attn_varlen_qkvpacked_func)
 from .masks import band_for
@@ -53,6 +56,7 @@ __all__ = [
     "llama3_flash_attn_varlen_kvpacked_func",
     "llama3_flash_attn_varlen_qkvpacked_func",
     "positions",
+    "register_hf_attention",
     "ring_flash_attn_func",
     "ring_flash_attn_kvpacked_func",
     "ring_flash_attn_qkvpacked_func",
@@ -63,8 +67,10 @@ __all__ = [
     "stripe_flash_attn_func",
     "stripe_flash_attn_kvpacked_func",
     "stripe_flash_attn_qkvpacked_func",
+    "substitute_hf_flash_attn",
     "tree_attn_decode",
     "unshard",
+    "update_ring_flash_attn_params",
     "usp_attn_func",
     "usp_groups",
     "zigzag_ring_flash_attn_func",

@@ -35,8 +35,8 @@ from .collectives import all_gather_single
 from .sharding import LAYOUTS
 
 class Signature(typing.NamedTuple):
-    operation: str                  # "forward", "backward", "decode" (tree_decode.py), "llama3" (llama3_attention.py)
-                                    # or "varlen" (varlen_ring_attention.py)
+    operation: str                  # "forward", "backward", "decode" (tree_decode.py), "llama3" (llama3_attention.py),
+                                    # "varlen" (varlen_ring_attention.py) or "transformers" (hf_attention.py)
     q_shape: typing.Tuple[int, ...]
     kv_shape: typing.Tuple[int, ...]
     dtype: torch.dtype
@@ -47,10 +47,11 @@ class Signature(typing.NamedTuple):
     softmax_scale: float
     q_start: int = -1               # decode: the global position of the first query; -1 elsewhere
     heads_k_stride: int = -1        # llama3, varlen: k/v heads gathered at a time; -1 elsewhere
-    cu_seqlens_crc: int = -1        # varlen: a checksum of cu_seqlens, which every rank must share; -1 elsewhere
+    cu_seqlens_crc: int = -1        # varlen, transformers: a checksum of cu_seqlens, which every rank must share;
+                                    # -1 elsewhere
 
 
-_OPERATIONS = ("forward", "backward", "decode", "llama3", "varlen")
+_OPERATIONS = ("forward", "backward", "decode", "llama3", "varlen", "transformers")
 _DEVICE_TYPES = ("cpu", "cuda")
 # Record fields: (name, number of int64 slots). A record starts with a flag: 1 = valid arguments.
 _FIELDS = (("operation", 1), ("q shape", 4), ("k/v shape", 4), ("dtype", 1), ("device type", 1),
@@ -165,13 +166,15 @@ def _raise_if_disagreeing(records, operation):
 
 
 _WHAT = {"decode": "tree attention decoding", "llama3": "llama3 varlen attention",
-         "varlen": "varlen ring attention"}
+         "varlen": "varlen ring attention", "transformers": "ring attention in a transformers model"}
 _RULES = {"decode": "the same queries and q_start, k/v shards of one cache (any length; the same batch, heads and "
                     "head_dim), and the same dtype, causal and softmax_scale",
           "llama3": "local chunks of the same shape and dtype and the same causal, window_size, softmax_scale and "
                     "heads_k_stride",
           "varlen": "local shards of the same shape and dtype and the same cu_seqlens, layout, causal, window_size, "
-                    "softmax_scale and heads_k_stride"}
+                    "softmax_scale and heads_k_stride",
+          "transformers": "local chunks of the same shape and dtype under the same packing (the same cu_seqlens "
+                          "given to update_ring_flash_attn_params) and the same attention options"}
 
 
 def _device_code(device_type):

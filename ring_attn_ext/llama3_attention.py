@@ -62,9 +62,9 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     return tensor(cu_q), tensor(cu_k), max(lengths_q), max(lengths_k), slice(keys_begin, keys_end)
 
 
-def _check_call(q, k, v, names, ring_group, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-                local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
-                return_attn_probs):
+def check_call(q, k, v, names, ring_group, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+               local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+               return_attn_probs):
     """Validates one rank's arguments; returns (Signature, GatherCall)."""
     shape, scale, window, ext = check_local_call(
         "llama3 varlen attention", q, k, v, names, "this rank's chunk of the packed stream", ring_group, dropout_p,
@@ -100,7 +100,7 @@ def _check_call(q, k, v, names, ring_group, cu_seqlens_q, cu_seqlens_k, max_seql
 
 def _run(packing, tensors, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride, local_k_slice,
          dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs, group):
-    return attend(packing, tensors, group, return_attn_probs, lambda q, k, v, ring_group: _check_call(
+    return attend(packing, tensors, group, return_attn_probs, lambda q, k, v, ring_group: check_call(
         q, k, v, PACKED_NAMES[packing], ring_group, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
         return_attn_probs))
@@ -111,7 +111,7 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                   return_attn_probs=False, group=None):
     return _run(SEPARATE, (q, k, v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-                local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+               local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                 return_attn_probs, group)
 
 
@@ -121,7 +121,7 @@ def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, ma
                                            return_attn_probs=False, group=None):
     checks.check_packed(kv, "kv", 2, "k and v", varlen=True)
     return _run(KV_PACKED, (q, kv), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-                local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+               local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                 return_attn_probs, group)
 
 
@@ -131,7 +131,7 @@ def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max
                                             deterministic=False, return_attn_probs=False, group=None):
     checks.check_packed(qkv, "qkv", 3, "q, k and v", varlen=True)
     return _run(QKV_PACKED, (qkv,), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
-                local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+               local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                 return_attn_probs, group)
 
 
