@@ -23,9 +23,10 @@ ATOL = 1e-11
 VOCAB = 61
 
 
-def small_config(arch):
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
+def small_config(arch, head_dim=8):
+    """Two layers, 4 query heads and 2 k/v heads of head_dim; Mistral's sliding window is 5 tokens."""
+    common = dict(vocab_size=VOCAB, hidden_size=4 * head_dim, intermediate_size=6 * head_dim, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     if arch == "llama":
         return transformers.LlamaConfig(**common)
     return transformers.MistralConfig(sliding_window=5, **common)
