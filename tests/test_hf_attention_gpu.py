@@ -1,16 +1,18 @@
 """transformers models with ring attention (hf_attention.py) on CUDA: two processes share one GPU
-over gloo (K/V gathered through host copies), a small Llama with GQA and a Mistral with a sliding
-window in the kernels' dtype, each rank feeding its chunk of a packed stream. The reference runs
-the same weights on each sequence alone with transformers' SDPA attention, in float64 (exact) and
-in the kernels' dtype (the baseline): logits and the parameters' gradients summed over the ranks,
-by FlashAttention's rule (at most 2x, for gradients 3x, the baseline's error against the exact run).
-Skips without a GPU, the compiled extension or transformers (4.56 or later here: dtype=)."""
+over gloo (K/V gathered through host copies), or, on two GPUs, one process each over NCCL; a small
+Llama with GQA and a Mistral with a sliding window in the kernels' dtype, each rank feeding its
+chunk of a packed stream. The reference runs the same weights on each sequence alone with
+transformers' SDPA attention, in float64 (exact) and in the kernels' dtype (the baseline): logits
+and the parameters' gradients summed over the ranks, by FlashAttention's rule (at most 2x, for
+gradients 3x, the baseline's error against the exact run). Skips without a GPU, the compiled
+extension or transformers (4.56 or later here: dtype=)."""
+import pytest
 import torch
 import torch.distributed as dist
 
 from conftest import GRADIENT_EPS, assert_flash_rule, requires_cuda_extension
 from test_hf_attention_cpu import packed_batch, small_config, transformers  # skips without transformers
-from test_ring_gpu import _process_group, _spawn_ranks, kernel_config
+from test_ring_gpu import MULTICAST_OFF, _process_group, _spawn_ranks, kernel_config
 
 import ring_attn_ext
 
@@ -48,9 +50,12 @@ def _check_model(rank, world_size, device, arch, head_dim, dtype):
     ring_attn_ext.update_ring_flash_attn_params(torch.tensor(BOUNDS, dtype=torch.int32, device=device), None)
     logits = ours(input_ids=ids[:, chunk], position_ids=positions[:, chunk], use_cache=False).logits
     (logits.double() * weights[:, chunk]).sum().backward()
-    grads = [p.grad.double().cpu() for p in ours.parameters()]
+    # Summed over the ranks where the group's backend reduces: the host for gloo, the GPU for NCCL.
+    on_host = dist.get_backend() == "gloo"
+    grads = [p.grad.double().cpu() if on_host else p.grad.double() for p in ours.parameters()]
     for grad in grads:
         dist.all_reduce(grad)
+    grads = [grad.cpu() for grad in grads]
 
     exact_logits, exact_grads = per_sequence(references[torch.float64], ids, weights)
     same_logits, same_grads = per_sequence(references[dtype], ids, weights)
@@ -61,13 +66,31 @@ def _check_model(rank, world_size, device, arch, head_dim, dtype):
                           eps=GRADIENT_EPS)
 
 
-def _worker(rank, world_size, init_file, head_dim, dtype):
-    with _process_group("gloo", rank, world_size, init_file) as device:
+def _check_models(backend, rank, world_size, init_file, head_dim, dtype):
+    with _process_group(backend, rank, world_size, init_file) as device:
         for arch in ("llama", "mistral"):
             _check_model(rank, world_size, device, arch, head_dim, dtype)
+
+
+def _gloo_worker(rank, world_size, init_file, head_dim, dtype):
+    _check_models("gloo", rank, world_size, init_file, head_dim, dtype)
+
+
+def _nccl_worker(rank, world_size, init_file, head_dim, dtype):
+    _check_models("nccl", rank, world_size, init_file, head_dim, dtype)
 
 
 @requires_cuda_extension
 def test_models_on_one_gpu_over_gloo_match_each_sequence_alone():
     head_dim, dtype = kernel_config()
-    _spawn_ranks(_worker, 2, head_dim, dtype, "transformers models over gloo")
+    _spawn_ranks(_gloo_worker, 2, head_dim, dtype, "transformers models over gloo")
+
+
+@requires_cuda_extension
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 CUDA GPUs (one process per GPU)")
+def test_models_over_nccl_match_each_sequence_alone(monkeypatch):
+    for name, value in MULTICAST_OFF.items():
+        monkeypatch.setenv(name, value)  # inherited by the spawned processes
+    head_dim, dtype = kernel_config()
+    _spawn_ranks(_nccl_worker, 2, head_dim, dtype, "transformers models over NCCL")
