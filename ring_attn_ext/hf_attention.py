@@ -1,20 +1,25 @@
-"""Hugging Face transformers models on ring_attn_ext: an attention implementation that runs
-llama3_flash_attn_varlen_func (llama3_attention.py) over packed sequences split across a process
-group. register_hf_attention adds it under a name of its own (no flash-attn install needed);
-substitute_hf_flash_attn and update_ring_flash_attn_params are ring-flash-attn's adapter, with its
-names and arguments.
+"""Hugging Face transformers models on ring_attn_ext: attention implementations that run a model's
+attention across a process group. register_hf_attention adds one under a name of its own (no
+flash-attn install needed); substitute_hf_flash_attn and update_ring_flash_attn_params are
+ring-flash-attn's adapter, with its names and arguments.
 
-A training step: the batch is one packed stream of sequences, cu_seqlens over all of it, its length
-a multiple of the group's size. Rank r feeds the model tokens r * L : (r + 1) * L as a batch of one,
-with their position_ids (each token's position within its sequence, for RoPE). Before the forward,
-every rank calls update_ring_flash_attn_params(cu_seqlens, group) with the same cu_seqlens; every
-attention layer then attends this rank's queries to the keys of their sequences, wherever those lie
-(K/V all-gathered over the group, gradients sent back to the ranks that own them).
+Two ways to split the tokens (register_hf_attention's layout):
+- A packed stream (layout None; ring-flash-attn's adapter too): the batch is one stream of
+  sequences, cu_seqlens over all of it, its length a multiple of the group's size. Rank r feeds
+  tokens r * L : (r + 1) * L as a batch of one, with their position_ids (each token's position in
+  its sequence, for RoPE). Before the forward every rank calls update_ring_flash_attn_params
+  (cu_seqlens, group) with the same cu_seqlens, and every attention layer attends this rank's
+  queries to the keys of their sequences through the llama3 engine (llama3_attention.py: K/V
+  all-gathered, gradients sent back to the ranks that own them). The packing stays in force until
+  the next update: a batch of another packing needs its own call (the ranks compare checksums of
+  their packings at every layer, but a batch of the same length cannot be told apart).
+- A ring layout ("ring", "zigzag", "stripe"): each batch row is one sequence; each rank feeds its
+  shard of every row in that layout (sharding.py) with position_ids from positions(); the layers run
+  the ring (ring.py; on CUDA the C++ NCCL ring with our kernels).
 
-The packing stays in force until the next update: a batch of another packing needs its own call
-(a batch of the same length cannot be told apart). Padding has no place in a packed stream: a padding
-mask that masks some token is refused. Needs transformers 4.53 or later (AttentionInterface and
-AttentionMaskInterface); tested with 4.53, 4.57 and 5.25.
+Padding has no place in either: a padding mask that masks some token is refused. Needs
+transformers 4.53 or later (AttentionInterface and AttentionMaskInterface); tested with 4.53, 4.57
+and 5.25.
 """
 import typing
 import zlib
@@ -22,11 +27,15 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from . import checks, ring
 from .gathered_kv import GatheredKVFunction
 from .group_checks import validate_together
-from .llama3_attention import check_call, llama3_flash_attn_prepare_cu_seqlens
+from .llama3_attention import check_call as llama3_check_call
+from .llama3_attention import llama3_flash_attn_prepare_cu_seqlens
 from .packing import SEPARATE
 from .ring import resolve_group
+from .ring_flash_attn import RingAttentionFunction
+from .sharding import check_layout
 from .varlen import PACKED_NAMES, check_cu_seqlens
 
 
@@ -70,52 +79,80 @@ def _kernel_dtype(query, module):
     return next(layer.weight.dtype for layer in module.modules() if isinstance(layer, torch.nn.Linear))
 
 
-def _check_layer_call(ring_group, process_group, heads_k_stride, module, query, key, value, attention_mask, dropout,
-                      scaling, sliding_window, softcap, is_causal, s_aux):
-    """One attention layer's call on this rank, checked: returns (Signature, (q, k, v, GatherCall))
-    with q, k, v as (L, heads, head_dim) in the dtype the kernels take."""
-    packing = _PACKINGS.get(_group_key(process_group))
-    if packing is None:
-        raise RuntimeError("ring attention in a transformers model: call ring_attn_ext."
-                           "update_ring_flash_attn_params(cu_seqlens, process_group) before the forward, so every "
-                           "rank knows the packing")
+def _layer_options(module, attention_mask, sliding_window, softcap, is_causal, s_aux):
+    """What both kinds of call check and take from transformers' arguments: returns (causal, window)."""
     if attention_mask is not None:
-        raise ValueError(f"attention_mask: ring attention over a packed stream takes no padding mask (got one of "
-                         f"shape {tuple(attention_mask.shape)}); pack the sequences without padding, describe them "
-                         f"with cu_seqlens and pass attention_mask=None")
-    if query.dim() != 4 or query.shape[0] != 1:
-        raise ValueError(f"query: ring attention over a packed stream takes a batch of one, this rank's chunk; got "
-                         f"query of shape {tuple(query.shape)}")
+        raise ValueError(f"attention_mask: ring attention in a transformers model takes no padding mask (got one of "
+                         f"shape {tuple(attention_mask.shape)}); pack the sequences without padding and pass "
+                         f"attention_mask=None")
     if softcap:
         raise NotImplementedError("softcap: logit soft-capping is not supported yet")
     if s_aux is not None:
         raise NotImplementedError("s_aux: attention sinks are not supported")
     causal = bool(module.is_causal if is_causal is None else is_causal)
-    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice = packing.prepared[causal]
     # transformers' sliding_window counts the token itself: it sees sliding_window - 1 back.
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1)
+    return causal, window
+
+
+def _check_packed_call(ring_group, process_group, heads_k_stride, module, query, key, value, attention_mask,
+                       dropout, scaling, sliding_window, softcap, is_causal, s_aux):
+    """One attention layer's call on a packed stream, on this rank, checked: returns (Signature,
+    (q, k, v, GatherCall)) with q, k, v as (L, heads, head_dim) in the dtype the kernels take."""
+    packing = _PACKINGS.get(_group_key(process_group))
+    if packing is None:
+        raise RuntimeError("ring attention in a transformers model: call ring_attn_ext."
+                           "update_ring_flash_attn_params(cu_seqlens, process_group) before the forward, so every "
+                           "rank knows the packing")
+    causal, window = _layer_options(module, attention_mask, sliding_window, softcap, is_causal, s_aux)
+    if query.dim() != 4 or query.shape[0] != 1:
+        raise ValueError(f"query: ring attention over a packed stream takes a batch of one, this rank's chunk; got "
+                         f"query of shape {tuple(query.shape)}")
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice = packing.prepared[causal]
     dtype = _kernel_dtype(query, module)
     q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (L, heads, head_dim)
-    signature, call = check_call(q, k, v, PACKED_NAMES[SEPARATE], ring_group, cu_seqlens_q, cu_seqlens_k,
-                                 max_seqlen_q, max_seqlen_k, k.shape[1] if heads_k_stride is None else heads_k_stride,
-                                 local_k_slice, dropout, scaling, causal, window, None, False, False)
+    signature, call = llama3_check_call(
+        q, k, v, PACKED_NAMES[SEPARATE], ring_group, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        k.shape[1] if heads_k_stride is None else heads_k_stride, local_k_slice, dropout, scaling, causal, window,
+        None, False, False)
     return signature._replace(operation="transformers", cu_seqlens_crc=packing.cu_seqlens_crc), (q, k, v, call)
 
 
-def _attention_function(process_group, heads_k_stride):
+def _check_sharded_call(ring_group, layout, module, query, key, value, attention_mask, dropout, scaling,
+                        sliding_window, softcap, is_causal, s_aux):
+    """One attention layer's call on sequences sharded in a ring layout, on this rank, checked:
+    returns (Signature, (q, k, v, RingCall)) with q, k, v as (batch, L, heads, head_dim)."""
+    causal, window = _layer_options(module, attention_mask, sliding_window, softcap, is_causal, s_aux)
+    checks.check_dropout_p(dropout)
+    dtype = _kernel_dtype(query, module)
+    q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))
+    signature, call = ring.check_call("forward", q, k, v, ring_group, causal, scaling, layout, window)
+    return signature, (q, k, v, call)
+
+
+def _attention_function(process_group, heads_k_stride, layout):
     """A transformers attention function (module, query, key, value, attention_mask, ...) ->
-    (out, None), with query (1, heads, L, head_dim), key and value (1, heads_kv, L, head_dim) and out
-    (1, L, heads, head_dim). Every rank checks its call and the ranks compare them (group_checks.py)
-    before any K/V moves, so an error on one rank is raised on all of them instead of a hang."""
+    (out, None), with query (batch, heads, L, head_dim), key and value (batch, heads_kv, L, head_dim)
+    and out (batch, L, heads, head_dim). layout None: the batch is this rank's chunk of a packed
+    stream (a batch of one), through the llama3 engine; a ring layout: each batch row is this rank's
+    shard of one sequence, through the ring. Every rank checks its call and the ranks compare them
+    (group_checks.py) before any K/V moves, so an error on one rank is raised on all of them
+    instead of a hang."""
 
     def ring_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                        softcap=None, is_causal=None, s_aux=None, **kwargs):
         ring_group = resolve_group(process_group)
-        q, k, v, call = validate_together(ring_group.group, ring_group.world_size, lambda: _check_layer_call(
-            ring_group, process_group, heads_k_stride, module, query, key, value, attention_mask, dropout, scaling,
-            sliding_window, softcap, is_causal, s_aux))
-        out, _ = GatheredKVFunction.apply(SEPARATE, call, q, k, v)
-        return out.to(query.dtype).unsqueeze(0), None
+        if layout is None:
+            q, k, v, call = validate_together(ring_group.group, ring_group.world_size, lambda: _check_packed_call(
+                ring_group, process_group, heads_k_stride, module, query, key, value, attention_mask, dropout,
+                scaling, sliding_window, softcap, is_causal, s_aux))
+            out = GatheredKVFunction.apply(SEPARATE, call, q, k, v)[0].unsqueeze(0)
+        else:
+            q, k, v, call = validate_together(ring_group.group, ring_group.world_size, lambda: _check_sharded_call(
+                ring_group, layout, module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+                softcap, is_causal, s_aux))
+            out = RingAttentionFunction.apply(call, SEPARATE, q, k, v)[0]
+        return out.to(query.dtype), None
 
     return ring_attention
 
@@ -126,9 +163,9 @@ def _no_padding_mask(attention_mask=None, **kwargs):
     drop one that masks some token (transformers would drop it without a word for an implementation
     that has no mask function)."""
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(f"attention_mask: ring attention over a packed stream takes no padding mask (got one of "
+        raise ValueError(f"attention_mask: ring attention in a transformers model takes no padding mask (got one of "
                          f"shape {tuple(attention_mask.shape)} that masks some tokens); pack the sequences without "
-                         f"padding and describe them with cu_seqlens")
+                         f"padding")
     return None
 
 
@@ -149,13 +186,26 @@ def _interfaces():
     return AttentionInterface, AttentionMaskInterface
 
 
-def register_hf_attention(process_group=None, heads_k_stride=None, name="ring_attn_ext"):
+def register_hf_attention(process_group=None, heads_k_stride=None, name="ring_attn_ext", layout=None):
     """Registers ring attention with transformers as attn_implementation `name` and returns the name:
     load models with from_pretrained(..., attn_implementation=name). process_group: the ranks that
-    share the packed stream (None: the default group). heads_k_stride: key/value heads gathered at a
-    time (None: all; fewer bound the memory the gathered copies take)."""
+    share the sequences (None: the default group).
+
+    layout None: the batch is a packed stream of sequences (update_ring_flash_attn_params), each
+    rank feeding its contiguous chunk as a batch of one; K/V are all-gathered, heads_k_stride k/v
+    heads at a time (None: all; fewer bound the memory the gathered copies take).
+    layout "ring", "zigzag" or "stripe": each batch row is one sequence, of which each rank feeds
+    its shard in that layout (shard(input_ids, layout, rank, world_size) with position_ids from
+    positions(seqlen, layout, rank, world_size)); K/V travel the ring (on CUDA the C++ NCCL ring).
+    No packing to set; heads_k_stride does not apply."""
+    if layout is not None:
+        check_layout(layout)
+        if heads_k_stride is not None:
+            raise ValueError(f"heads_k_stride: applies to the packed stream (layout=None), whose K/V are "
+                             f"all-gathered; the ring layout {layout!r} passes all k/v heads around the ring, so "
+                             f"pass heads_k_stride=None")
     attention, masks = _interfaces()
-    attention.register(name, _attention_function(process_group, heads_k_stride))
+    attention.register(name, _attention_function(process_group, heads_k_stride, layout))
     masks.register(name, _no_padding_mask)
     return name
 
@@ -166,4 +216,4 @@ def substitute_hf_flash_attn(process_group, heads_k_stride):
     installed; register_hf_attention needs no such install)."""
     # transformers' FlashAttention mask function stays: it passes on a padding mask, which the
     # attention function refuses, and None where no token is masked.
-    _interfaces()[0].register("flash_attention_2", _attention_function(process_group, heads_k_stride))
+    _interfaces()[0].register("flash_attention_2", _attention_function(process_group, heads_k_stride, None))

@@ -15,7 +15,8 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 
 from ring_attn_ext import register_hf_attention, substitute_hf_flash_attn, update_ring_flash_attn_params  # noqa: E402
-from ring_attn_ext import hf_attention  # noqa: E402
+import ring_attn_ext  # noqa: E402
+from ring_attn_ext import LAYOUTS, hf_attention, shard  # noqa: E402
 from ring_workers import RankPool  # noqa: E402
 from test_ring_cpu import expect_error  # noqa: E402
 
@@ -123,6 +124,46 @@ def test_substituted_flash_attention_matches_each_sequence_alone(pool):
         assert logit_error <= ATOL and gradient_error <= ATOL, (logit_error, gradient_error)
 
 
+def body_sharded(rank, world_size, arch, layout, seed):
+    """A batch of two sequences of 24 tokens, each rank feeding its shards in `layout` with their
+    global positions, against the reference on the whole sequences; returns (max logit error, max
+    gradient error)."""
+    name = register_hf_attention(name=f"ring_attn_ext_{layout}", layout=layout)
+    model, reference = models(arch, name)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=generator)
+    weights = torch.randn(2, 24, VOCAB, generator=generator, dtype=torch.float64)
+
+    def local(t):
+        return shard(t, layout, rank, world_size, dim=1)
+
+    positions = ring_attn_ext.positions(24, layout, rank, world_size)[None].expand(2, -1)
+    logits = model(input_ids=local(ids), position_ids=positions, use_cache=False).logits
+    (logits * local(weights)).sum().backward()
+    for parameter in model.parameters():
+        dist.all_reduce(parameter.grad)
+    expected = reference(input_ids=ids, use_cache=False).logits
+    (expected * weights).sum().backward()
+    gradient_error = max((p.grad - r.grad).abs().max().item()
+                         for p, r in zip(model.parameters(), reference.parameters()))
+    return (logits - local(expected)).abs().max().item(), gradient_error
+
+
+@pytest.mark.parametrize("pool", [2, 3], indirect=True)
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_sequences_match_the_whole_sequences(pool, arch, layout):
+    for logit_error, gradient_error in pool.run(body_sharded, arch, layout, 12):
+        assert logit_error <= ATOL and gradient_error <= ATOL, (logit_error, gradient_error)
+
+
+def test_registration_checks_the_layout_and_its_options():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        register_hf_attention(layout="diagonal")
+    with pytest.raises(ValueError, match="heads_k_stride: applies to the packed stream"):
+        register_hf_attention(heads_k_stride=2, layout="zigzag")
+
+
 def body_error(rank, world_size, case, errors):
     """Runs a forward that `case` makes fail; errors: {rank: (error type, fragment)} or one pair for all."""
     name = register_hf_attention()
@@ -153,7 +194,7 @@ REJECTED = "ring attention in a transformers model: rank(s) [1] of the process g
     ("no packing", (RuntimeError, "call ring_attn_ext.update_ring_flash_attn_params(cu_seqlens, process_group)")),
     ("no packing on rank 1", {0: (ValueError, REJECTED), 1: (RuntimeError, "update_ring_flash_attn_params")}),
     ("another packing on rank 1", (ValueError, "the ranks of the process group disagree on cu_seqlens")),
-    ("padding mask", (ValueError, "attention_mask: ring attention over a packed stream takes no padding mask")),
+    ("padding mask", (ValueError, "attention_mask: ring attention in a transformers model takes no padding mask")),
     ("batch of two", (ValueError, "query: ring attention over a packed stream takes a batch of one")),
 ])
 def test_errors_name_the_rule_on_every_rank(pool, case, errors):
