@@ -81,10 +81,8 @@ def _kernel_dtype(query, module):
 
 def _layer_options(module, attention_mask, sliding_window, softcap, is_causal, s_aux):
     """What both kinds of call check and take from transformers' arguments: returns (causal, window)."""
-    if attention_mask is not None:
-        raise ValueError(f"attention_mask: ring attention in a transformers model takes no padding mask (got one of "
-                         f"shape {tuple(attention_mask.shape)}); pack the sequences without padding and pass "
-                         f"attention_mask=None")
+    if attention_mask is not None:  # the mask functions pass on no mask of ones; a 4D mask comes as given
+        raise _padding_mask_error(attention_mask)
     if softcap:
         raise NotImplementedError("softcap: logit soft-capping is not supported yet")
     if s_aux is not None:
@@ -163,10 +161,14 @@ def _no_padding_mask(attention_mask=None, **kwargs):
     drop one that masks some token (transformers would drop it without a word for an implementation
     that has no mask function)."""
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(f"attention_mask: ring attention in a transformers model takes no padding mask (got one of "
-                         f"shape {tuple(attention_mask.shape)} that masks some tokens); pack the sequences without "
-                         f"padding")
+        raise _padding_mask_error(attention_mask)
     return None
+
+
+def _padding_mask_error(attention_mask):
+    return ValueError(f"attention_mask: ring attention in a transformers model takes no padding mask, only a mask "
+                      f"of ones or None (got one of shape {tuple(attention_mask.shape)} that masks tokens or is "
+                      f"not 2D); pack the sequences without padding and pass attention_mask=None")
 
 
 def _interfaces():
