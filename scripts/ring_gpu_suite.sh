@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call on a machine of several GPUs (nvidia-h200-x2): build the extension in place, run
-# the multi-GPU tests (the NCCL ring and its stuck-peer watchdog) and the main job
+# the multi-GPU tests (the NCCL ring, Ulysses and packed sequences over NCCL, the stuck-peer
+# watchdog, the transformers adapter over NCCL) and the main job
 # (python3 -m ring_attn_ext), then the ring benchmark with ring-flash-attn side by side (torchrun,
 # one process per GPU) and its plot, then GPU timelines of the two configurations furthest from a
 # perfect ring (benchmarks/trace_ring.py); summary last.
@@ -32,8 +33,8 @@ if [ ! -f .carry/peers/peers.py ] && [ -z "${PEERS_DIR:-}" ]; then
 fi
 install_cutlass_wheel
 if build_stage 330 200; then
-    run_stage tests_ring "$(stage_limit 150 150)" "$OUT/tests_ring.log" python3 -m pytest -q -rs tests/test_ring_gpu.py \
-        tests/test_ring_timeout.py
+    run_stage tests_ring "$(stage_limit 210 150)" "$OUT/tests_ring.log" python3 -m pytest -q -rs tests/test_ring_gpu.py \
+        tests/test_ring_timeout.py tests/test_hf_attention_gpu.py
     run_stage main_job "$(stage_limit 90 120)" "$OUT/main_job.log" python3 -m ring_attn_ext
     stamp="$(mktemp)"
     run_stage bench_ring "$(stage_limit 600 150)" "$OUT/bench_ring.log" \
