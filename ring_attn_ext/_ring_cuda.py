@@ -118,7 +118,17 @@ def _make_communicator(group, device):
 @atexit.register
 def destroy_communicators():
     """Releases the NCCL resources of every ring communicator of this process (atexit runs it
-    while CUDA is still up). A later ring call makes a new communicator, collectively."""
-    for comm in _COMMUNICATORS.values():
-        comm.destroy()
+    while CUDA is still up). A later ring call makes a new communicator, collectively. A
+    communicator that fails to release (its peers exited with transfers unfinished: the release
+    waits for them until the timeout) does not keep the others from being released; the first
+    such error is raised after all were tried."""
+    communicators = list(_COMMUNICATORS.values())
     _COMMUNICATORS.clear()
+    first_error = None
+    for comm in communicators:
+        try:
+            comm.destroy()
+        except Exception as error:  # every communicator gets its turn; the first error is raised below
+            first_error = first_error or error
+    if first_error is not None:
+        raise first_error

@@ -30,4 +30,16 @@ class CudaEvent {
     cudaEvent_t event_ = nullptr;
 };
 
+// Work enqueued on `waiter` after this call runs after everything enqueued on `waited` so far.
+// For error paths, so it never throws: the exception being handled already says what went wrong.
+inline void order_after(cudaStream_t waiter, cudaStream_t waited) noexcept {
+    cudaEvent_t event = nullptr;
+    if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) == cudaSuccess) {
+        if (cudaEventRecord(event, waited) == cudaSuccess) cudaStreamWaitEvent(waiter, event, 0);
+        cudaEventDestroy(event);
+    }
+    // Leave no error of these calls behind for an unrelated later launch check to report.
+    (void)cudaGetLastError();
+}
+
 }  // namespace ring_attn

@@ -206,9 +206,10 @@ std::tuple<at::Tensor, at::Tensor> ring_fwd(const at::Tensor& q, const at::Tenso
     const RingPlan ring_plan = checked_plan(plan, comm, q, k);
     c10::cuda::CUDAGuard guard(q.device());
     const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream();
-    RingForward machine(q, k, v, ring_plan, softmax_scale, compute, comm != nullptr ? comm->stream() : compute);
-    run_nccl_ring(machine, comm);
-    return machine.finish();
+    const c10::cuda::CUDAStream transfers = comm != nullptr ? comm->stream() : compute;
+    return run_nccl_ring(
+        [&] { return std::make_unique<RingForward>(q, k, v, ring_plan, softmax_scale, compute, transfers); }, comm,
+        compute);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_bwd(const at::Tensor& dout, const at::Tensor& q,
@@ -223,10 +224,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ring_bwd(const at::Tensor& dout, 
     const RingPlan ring_plan = checked_plan(plan, comm, q, k);
     c10::cuda::CUDAGuard guard(q.device());
     const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream();
-    RingBackward machine(dout, q, k, v, out, lse, ring_plan, softmax_scale, compute,
-                         comm != nullptr ? comm->stream() : compute);
-    run_nccl_ring(machine, comm);
-    return machine.finish();
+    const c10::cuda::CUDAStream transfers = comm != nullptr ? comm->stream() : compute;
+    return run_nccl_ring(
+        [&] {
+            return std::make_unique<RingBackward>(dout, q, k, v, out, lse, ring_plan, softmax_scale, compute,
+                                                  transfers);
+        },
+        comm, compute);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> ring_fwd_loopback(

@@ -122,7 +122,12 @@ void RingCommunicator::destroy() {
 }
 
 ncclComm_t RingCommunicator::handle() const {
-    RA_CHECK(comm_ != nullptr, "this RingCommunicator was destroyed or aborted");
+    if (comm_ == nullptr && !abort_reason_.empty()) {
+        TORCH_CHECK_WITH(DistBackendError, false, "ring_attn_ext: this process group's ring communicator was "
+                         "aborted: ", abort_reason_, ". Its ranks cannot run another ring together: restart the "
+                         "processes (from a checkpoint).");
+    }
+    RA_CHECK(comm_ != nullptr, "this RingCommunicator was destroyed");
     return comm_;
 }
 
@@ -155,12 +160,17 @@ void RingCommunicator::watch_transfers() {
     if (watchdog_ != nullptr) watchdog_->watch(stream_);
 }
 
-void RingCommunicator::abort_and_raise(const std::string& message) {
+void RingCommunicator::abort(const std::string& reason) noexcept {
     watchdog_.reset();
     if (comm_ != nullptr) {
         ncclCommAbort(comm_);
         comm_ = nullptr;
+        abort_reason_ = reason;
     }
+}
+
+void RingCommunicator::abort_and_raise(const std::string& message) {
+    abort(message);
     TORCH_CHECK_WITH(DistBackendError, false, message + ". The ring's communicator was aborted.");
 }
 

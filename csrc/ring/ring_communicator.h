@@ -40,8 +40,11 @@ class RingCommunicator {
 
     // Releases NCCL's resources; the communicator is unusable afterwards. Idempotent.
     void destroy();
+    // Aborts the communicator at once (the watchdog is stopped first; NCCL's kernels of it end):
+    // for a ring that failed on this rank. Later calls raise, naming `reason`. Never throws.
+    void abort(const std::string& reason) noexcept;
 
-    ncclComm_t handle() const;  // throws once destroyed
+    ncclComm_t handle() const;  // throws once destroyed or aborted
     int rank() const { return rank_; }
     int world_size() const { return world_size_; }
     int device() const { return device_; }
@@ -67,6 +70,7 @@ class RingCommunicator {
     double timeout_s_;
     c10::cuda::CUDAStream stream_;
     std::unique_ptr<TransferWatchdog> watchdog_;
+    std::string abort_reason_;  // why abort() ended the communicator; empty if it did not
 };
 
 }  // namespace ring_attn
