@@ -14,11 +14,15 @@ import torch
 
 from ._extension import require_extension
 from .masks import check_window_size
+from .packing import KV_PACKED, QKV_PACKED
 from .reference import default_softmax_scale
 
 # The kernels move 16 bytes per thread, so every row they read must start on a 16-byte boundary.
 KERNEL_ALIGNMENT_BYTES = 16
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+# What the reference computes in off CUDA (float8 and the like have no matrix products there).
+REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REFERENCE_DTYPES_TEXT = "float16, bfloat16, float32 or float64"
 
 
 class QKVShape(NamedTuple):
@@ -36,20 +40,21 @@ def check_tensor(t, name):
 
 
 def check_qkv(q, k, v, names=("q", "k", "v")):
-    """q (b, s_q, h, d), k and v (b, s_k, h_kv, d) with h % h_kv == 0, one floating dtype (float16
-    or bfloat16 on CUDA) and one device. `names` are the names the messages use (packed callers
-    pass e.g. "kv[:, :, 0]"). Returns the dimensions as a QKVShape."""
+    """q (b, s_q, h, d), k and v (b, s_k, h_kv, d) with h % h_kv == 0, one dtype (float16 or
+    bfloat16 on CUDA; float32 and float64 too elsewhere) and one device. `names` are the names the
+    messages use (packed callers pass e.g. "kv[:, :, 0]"). Returns the dimensions as a QKVShape."""
     q_name, k_name, v_name = names
     for t, name in zip((q, k, v), names):
         check_tensor(t, name)
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, heads, head_dim), "
                              f"got shape {tuple(t.shape)}")
-    if not q.is_floating_point():
-        raise TypeError(f"{q_name} must have a floating-point dtype, got {q.dtype}")
     if q.is_cuda and q.dtype not in CUDA_DTYPES:
         raise TypeError(f"{q_name} must be float16 or bfloat16 on CUDA (the kernels' dtypes), got {q.dtype}; "
-                        "CPU tensors accept any floating dtype")
+                        f"tensors on other devices may be {_REFERENCE_DTYPES_TEXT}")
+    if q.dtype not in REFERENCE_DTYPES:
+        raise TypeError(f"{q_name} must be {_REFERENCE_DTYPES_TEXT} (the PyTorch reference's dtypes off CUDA), "
+                        f"got {q.dtype}")
     for t, name in ((k, k_name), (v, v_name)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have the dtype of {q_name} ({q.dtype}), got {t.dtype}")
@@ -80,6 +85,20 @@ def check_packed(t, name, count, what, varlen=False):
     if t.dim() != len(leading) + 3 or t.shape[len(leading)] != count:
         raise ValueError(f"{name} must have shape ({', '.join(leading)}, {count}, heads, head_dim) holding {what}, "
                          f"got shape {tuple(t.shape)}")
+
+
+def needs_autograd(tensors):
+    """Whether autograd will run a backward through a call on `tensors`."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def check_packing(packing, tensors, varlen=False):
+    """The packed tensor of a kv- or qkv-packed call (packing.py) has the packed shape; nothing to
+    check for separate q, k, v."""
+    if packing == KV_PACKED:
+        check_packed(tensors[1], "kv", 2, "k and v", varlen)
+    elif packing == QKV_PACKED:
+        check_packed(tensors[0], "qkv", 3, "q, k and v", varlen)
 
 
 def check_flag(value, name):

@@ -67,7 +67,7 @@ def _validate(what, q, k, v, names, dropout_p, softmax_scale, causal, window_siz
     softmax_scale, window = checks.check_options(shape.head_dim, dropout_p, softmax_scale, causal, window_size,
                                                  softcap, alibi_slopes, deterministic, return_attn_probs)
     checks.check_deterministic(deterministic, q.device)
-    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_backward = checks.needs_autograd((q, k, v))
     ext = checks.check_device_support(shape, q.device, what, q.dtype, backward=needs_backward)
     return ext, softmax_scale, band_for(shape.seqlen_q, shape.seqlen_k, causal, window)
 
@@ -90,11 +90,13 @@ _COMMON_DOC = """
         always deterministic and accepts it.
       return_attn_probs: if True, return (out, lse, None) instead of out, where lse (batch, heads,
         seqlen_q) float32 is the natural-log softmax normaliser (-inf, and out 0, for a query that sees
-        no key). The probabilities themselves are never materialised, hence None.
+        no key). The probabilities themselves are never materialised, hence None. lse is a constant
+        for autograd, as in FlashAttention-2: no gradient flows back through it.
 
     Heads: query head i uses key/value head i // (heads / heads_kv) (grouped-query attention).
     CUDA tensors must be float16 or bfloat16 with a head_dim compiled into the extension; tensors on
-    other devices may have any floating dtype and head_dim and run the PyTorch reference.
+    other devices may be float16, bfloat16, float32 or float64 with any head_dim and run the PyTorch
+    reference.
     Raises TypeError / ValueError for invalid arguments, NotImplementedError for unsupported options,
     RuntimeError for CUDA tensors when the extension is not installed.
 """

@@ -50,7 +50,7 @@ def check_local_call(what, q, k, v, names, holding, ring_group, dropout_p, softm
     scale, window = checks.check_options(shape.head_dim, dropout_p, softmax_scale, causal, window_size, 0.0,
                                          alibi_slopes, deterministic, return_attn_probs)
     checks.check_deterministic(deterministic, q.device)
-    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_backward = checks.needs_autograd((q, k, v))
     ext = checks.check_device_support(shape, q.device, f"{what} on CUDA tensors", q.dtype, backward=needs_backward)
     check_cpu_backend(q.device, ring_group, what)
     return shape, scale, window, ext
@@ -153,8 +153,14 @@ def attend(packing, tensors, group, return_attn_probs, check_call):
     GatherCall) validates this rank's arguments on every rank together (group_checks.py), then the
     attention runs; returns out, or (out, lse, None) with return_attn_probs."""
     ring_group = resolve_group(group)
-    call = validate_together(ring_group.group, ring_group.world_size,
-                             lambda: check_call(*unpack(packing, tensors, dim=1), ring_group))
+
+    def validate():
+        # The packed tensor's shape too is checked inside the agreement: a rank that rejects it
+        # makes every rank raise instead of leaving them waiting in the agreement's collective.
+        checks.check_packing(packing, tensors, varlen=True)
+        return check_call(*unpack(packing, tensors, dim=1), ring_group)
+
+    call = validate_together(ring_group.group, ring_group.world_size, validate)
     out, lse = GatheredKVFunction.apply(packing, call, *tensors)
     return (out, lse, None) if return_attn_probs else out
 

@@ -18,7 +18,8 @@ covers the collective alone, not the GPU work queued before it: waiting for that
 ring call's kernels) left the GPU idle while the host launched the next call, 0.3-0.7 ms per call
 on two H200s (s_local 8k). Two cases skip it safely:
   - the backward of the autograd functions (ring_flash_attn.py): its inputs are the forward's,
-    which every rank already agreed on, and autograd runs it on every rank alike;
+    which every rank already agreed on, and every rank runs it, since the forward's check covers
+    whether the inputs require gradients;
   - RING_ATTN_GROUP_CHECKS=0 in the environment, for runs known to be consistent (set it the same
     on every rank: a rank that checks waits for one that does not).
 """
@@ -49,6 +50,9 @@ class Signature(typing.NamedTuple):
     heads_k_stride: int = -1        # llama3, varlen: k/v heads gathered at a time; -1 elsewhere
     cu_seqlens_crc: int = -1        # varlen, transformers: a checksum of cu_seqlens, which every rank must share;
                                     # -1 elsewhere
+    requires_grad: bool = False     # whether autograd will run a backward through the call on this rank: the
+                                    # backward exchanges with every rank too, so all or none must run it
+    ulysses_degree: int = -1        # Ulysses x ring (usp_attention.py): ranks per Ulysses group; -1 elsewhere
 
 
 _OPERATIONS = ("forward", "backward", "decode", "llama3", "varlen", "transformers")
@@ -56,7 +60,7 @@ _DEVICE_TYPES = ("cpu", "cuda")
 # Record fields: (name, number of int64 slots). A record starts with a flag: 1 = valid arguments.
 _FIELDS = (("operation", 1), ("q shape", 4), ("k/v shape", 4), ("dtype", 1), ("device type", 1),
            ("layout", 1), ("causal", 1), ("window_size", 2), ("softmax_scale", 1), ("q_start", 1),
-           ("heads_k_stride", 1), ("cu_seqlens", 1))
+           ("heads_k_stride", 1), ("cu_seqlens", 1), ("requires_grad", 1), ("ulysses_degree", 1))
 _RECORD_SIZE = 1 + sum(size for _, size in _FIELDS)
 
 
@@ -71,11 +75,12 @@ def validate_together(group, world_size, validate):
     ranks that rejected their arguments or the fields on which the ranks disagree."""
     try:
         signature, result = validate()
+        record = _encode(signature)
         error = None
     except Exception as exc:  # re-raised below, after the other ranks have learnt about it
-        signature, result, error = None, None, exc
+        signature, result, record, error = None, None, _encode(None), exc
     if world_size > 1 and checks_enabled():
-        records = _all_gather_records(group, world_size, _encode(signature))
+        records = _all_gather_records(group, world_size, record)
         if error is None:
             _raise_if_disagreeing(records, signature.operation)
     if error is not None:
@@ -135,13 +140,24 @@ def _all_gather_records(group, world_size, record):
 
 
 def _encode(signature):
+    """The int64 record of a signature (None: this rank rejected its arguments). Raises ValueError
+    for a value outside int64's range (a huge window_size), naming it."""
     if signature is None:
         return [0] * _RECORD_SIZE
-    return [1, _OPERATIONS.index(signature.operation), *signature.q_shape, *signature.kv_shape,
-            _dtype_code(signature.dtype), _device_code(signature.device_type), _layout_code(signature.layout),
-            int(signature.causal), *signature.window_size,
-            struct.unpack("<q", struct.pack("<d", signature.softmax_scale))[0], signature.q_start,
-            signature.heads_k_stride, signature.cu_seqlens_crc]
+    record = [1, _OPERATIONS.index(signature.operation), *signature.q_shape, *signature.kv_shape,
+              _dtype_code(signature.dtype), _device_code(signature.device_type), _layout_code(signature.layout),
+              int(signature.causal), *signature.window_size,
+              struct.unpack("<q", struct.pack("<d", signature.softmax_scale))[0], signature.q_start,
+              signature.heads_k_stride, signature.cu_seqlens_crc, int(signature.requires_grad),
+              signature.ulysses_degree]
+    offset = 1
+    for name, size in _FIELDS:
+        for value in record[offset:offset + size]:
+            if not -2 ** 63 <= value < 2 ** 63:
+                raise ValueError(f"{name}: {value} is out of range; the ranks compare their arguments as 64-bit "
+                                 "integers")
+        offset += size
+    return record
 
 
 def _raise_if_disagreeing(records, operation):
@@ -150,21 +166,26 @@ def _raise_if_disagreeing(records, operation):
     if rejected:
         raise ValueError(f"{what}: rank(s) {rejected} of the process group rejected their "
                          "arguments (the error is raised there); every rank stops here instead of waiting for them")
-    differences = []
+    differences, fields = [], []
     offset = 1
     for name, size in _FIELDS:
         values = [record[offset:offset + size] for record in records]
         if any(value != values[0] for value in values):
             shown = ", ".join(f"rank {rank}: {_decode(name, value)}" for rank, value in enumerate(values))
             differences.append(f"{name} ({shown})")
+            fields.append(name)
         offset += size
     if differences:
         rule = _RULES.get(operation, "local shards of the same shape and dtype and the same layout, causal, "
                                      "window_size and softmax_scale")
+        if "requires_grad" in fields:
+            rule += _GRADIENT_RULE
         raise ValueError(f"{what}: the ranks of the process group disagree on "
                          + "; ".join(differences) + f". Every rank must pass {rule}.")
 
 
+_GRADIENT_RULE = (", with inputs that require gradients on every rank or on none (the backward, too, runs on "
+                  "every rank together)")
 _WHAT = {"decode": "tree attention decoding", "llama3": "llama3 varlen attention",
          "varlen": "varlen ring attention", "transformers": "ring attention in a transformers model"}
 _RULES = {"decode": "the same queries and q_start, k/v shards of one cache (any length; the same batch, heads and "
@@ -203,9 +224,9 @@ def _decode(name, value):
         return _DEVICE_TYPES[value[0]] if value[0] < len(_DEVICE_TYPES) else "other"
     if name == "layout":
         return repr(LAYOUTS[value[0]]) if value[0] < len(LAYOUTS) else "none"
-    if name == "causal":
+    if name in ("causal", "requires_grad"):
         return bool(value[0])
-    if name in ("window_size", "q_start", "heads_k_stride"):
+    if name in ("window_size", "q_start", "heads_k_stride", "ulysses_degree"):
         return tuple(value) if len(value) > 1 else value[0]
     if name == "cu_seqlens":
         return f"checksum {value[0]:#x}"

@@ -81,11 +81,11 @@ def check_call(operation, q, k, v, ring_group, causal, softmax_scale, layout, wi
     if shape.seqlen_q != shape.seqlen_k:
         raise ValueError(f"ring attention needs q, k and v shards of the same sequence: q holds {shape.seqlen_q} "
                          f"tokens and k/v hold {shape.seqlen_k}")
-    needs_backward = operation == "backward" or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    needs_backward = operation == "backward" or checks.needs_autograd((q, k, v))
     window, call = plan_call(shape, q.dtype, q.device, needs_backward, ring_group, causal, softmax_scale, layout,
                              window_size)
     signature = Signature(operation, tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout, causal,
-                          tuple(window), call.softmax_scale)
+                          tuple(window), call.softmax_scale, requires_grad=needs_backward)
     return signature, call
 
 
@@ -97,6 +97,11 @@ def plan_call(shape, dtype, device, needs_backward, ring_group, causal, softmax_
     scale = checks.check_softmax_scale(softmax_scale, shape.head_dim)
     window = check_window_size(window_size)
     check_layout(layout)
+    if device.type == "cuda" and ring_group.world_size > 1:
+        # Read again when the ring's communicator is made, collectively: a bad setting on one rank
+        # must raise here, on every rank, rather than there, where the others would wait for it.
+        from ._ring_cuda import timeout_seconds
+        timeout_seconds()
     checks.check_device_support(shape, device, "ring attention on CUDA tensors", dtype, backward=needs_backward)
     check_cpu_backend(device, ring_group, "ring attention")
     plan = build_plan(layout, ring_group.rank, ring_group.world_size, shape.seqlen_q, causal, window)

@@ -6,7 +6,8 @@
 with its arguments (q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
 alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None) and return values:
 out, or (out, lse, None) with return_attn_probs=True (lse (b, h, s_local) float32; float64 for
-float64 inputs, which run in the PyTorch reference). Inputs are the rank's local shards in the
+float64 inputs, which run in the PyTorch reference; a constant for autograd, as in
+FlashAttention-2). Inputs are the rank's local shards in the
 function's layout ("ring": contiguous, "zigzag", "stripe"; see sharding.py); kv is
 (b, s, 2, h_kv, d), qkv (b, s, 3, h, d), and their gradients come back packed.
 
@@ -44,13 +45,6 @@ class RingAttentionFunction(torch.autograd.Function):
         return (None, None, *pack(ctx.packing, dq, dk, dv))
 
 
-def _check_packing(packing, tensors):
-    if packing == KV_PACKED:
-        checks.check_packed(tensors[1], "kv", 2, "k and v")
-    elif packing == QKV_PACKED:
-        checks.check_packed(tensors[0], "qkv", 3, "q, k and v")
-
-
 def _ring_attention(layout, packing, tensors, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
                     deterministic, return_attn_probs, group):
     ring_group = ring.resolve_group(group)
@@ -58,7 +52,7 @@ def _ring_attention(layout, packing, tensors, dropout_p, softmax_scale, causal, 
     def validate():
         # Every check runs inside validate_together, so a rank that rejects its arguments makes all
         # ranks raise instead of leaving them waiting in the ring.
-        _check_packing(packing, tensors)
+        checks.check_packing(packing, tensors)
         checks.check_dropout_p(dropout_p)
         checks.check_alibi_slopes(alibi_slopes)
         checks.check_flag(return_attn_probs, "return_attn_probs")

@@ -42,7 +42,7 @@ def tree_attn_decode(q, k, v, *, group=None, softmax_scale=None, causal=False, q
         checks.check_flag(causal, "causal")
         checks.check_flag(return_lse, "return_lse")
         key_offset_max = _key_offset_max(causal, q_start, k_start)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        if checks.needs_autograd((q, k, v)):
             raise NotImplementedError("tree_attn_decode is forward only (inference): call it under torch.no_grad() "
                                       "or on tensors that do not require grad")
         checks.check_device_support(shape, q.device, "tree attention decoding on CUDA tensors", q.dtype,

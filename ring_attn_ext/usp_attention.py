@@ -27,8 +27,6 @@ follow ring_flash_attn.py (dropout and ALiBi raise NotImplementedError; causal a
 apply to global positions). Every rank of groups.group must call together; a rank that disagrees
 or rejects its arguments makes every rank raise (group_checks.py).
 """
-import torch
-
 from . import checks, ring
 from .group_checks import Signature, backend_supports_cpu, validate_together
 from .packing import SEPARATE
@@ -62,12 +60,13 @@ def usp_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wind
         # What the ring will see after the exchange: a ring rank's whole part, h / U heads.
         ring_shape = shape._replace(seqlen_q=shape.seqlen_q * degree, seqlen_k=shape.seqlen_k * degree,
                                     heads=shape.heads // degree, heads_kv=shape.heads_kv * kv_repeat // degree)
-        needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        needs_backward = checks.needs_autograd((q, k, v))
         ring_group = ring.RingGroup(groups.ring_group, groups.ring_rank, groups.ring_degree)
         window, call = ring.plan_call(ring_shape, q.dtype, q.device, needs_backward, ring_group, causal,
                                       softmax_scale, layout, window_size)
         signature = Signature("forward", tuple(q.shape), tuple(k.shape), q.dtype, q.device.type, layout, causal,
-                              tuple(window), call.softmax_scale)
+                              tuple(window), call.softmax_scale, requires_grad=needs_backward,
+                              ulysses_degree=degree)
         return signature, (call, kv_repeat)
 
     # One agreement over all P ranks covers the exchanges and the rings.

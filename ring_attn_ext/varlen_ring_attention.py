@@ -84,7 +84,8 @@ def _check_call(layout, q, k, v, names, ring_group, cu_seqlens, max_seqlen, drop
     runs = _query_runs(layout, bounds, ring_group.rank, world_size, causal, window)
     signature = Signature("varlen", (1, *q.shape), (1, *k.shape), q.dtype, q.device.type, layout, causal,
                           tuple(window), scale, heads_k_stride=stride,
-                          cu_seqlens_crc=zlib.crc32(str(bounds).encode()))
+                          cu_seqlens_crc=zlib.crc32(str(bounds).encode()),
+                          requires_grad=checks.needs_autograd((q, k, v)))
     return signature, GatherCall(ring_group, ext, scale, runs, stride, keys)
 
 
@@ -105,7 +106,6 @@ def ring_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, 
 def ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                          causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                          return_attn_probs=False, group=None, *, heads_k_stride=None):
-    checks.check_packed(kv, "kv", 2, "k and v", varlen=True)
     return _run("ring", KV_PACKED, (q, kv), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride)
 
@@ -113,7 +113,6 @@ def ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_
 def ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                           causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                           return_attn_probs=False, group=None, *, heads_k_stride=None):
-    checks.check_packed(qkv, "qkv", 3, "q, k and v", varlen=True)
     return _run("ring", QKV_PACKED, (qkv,), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride)
 
@@ -129,7 +128,6 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, d
                                                 causal=False, window_size=(-1, -1), alibi_slopes=None,
                                                 deterministic=False, return_attn_probs=False, group=None, *,
                                                 heads_k_stride=None):
-    checks.check_packed(kv, "kv", 2, "k and v", varlen=True)
     return _run("zigzag", KV_PACKED, (q, kv), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride)
 
@@ -138,7 +136,6 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dr
                                                  causal=False, window_size=(-1, -1), alibi_slopes=None,
                                                  deterministic=False, return_attn_probs=False, group=None, *,
                                                  heads_k_stride=None):
-    checks.check_packed(qkv, "qkv", 3, "q, k and v", varlen=True)
     return _run("zigzag", QKV_PACKED, (qkv,), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 alibi_slopes, deterministic, return_attn_probs, group, heads_k_stride)
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from conftest import global_mask
 from ring_attn_ext import __main__ as main_job
-from ring_attn_ext import group_checks, ring
+from ring_attn_ext import checks, group_checks, ring
 from ring_attn_ext import ring_flash_attn as rfa
 from ring_attn_ext.sharding import shard
 from ring_workers import RankPool
@@ -218,6 +218,8 @@ def mismatches_on_rank(rank, world_size):
         (forward(layout="stripe"), "layout"),
         (forward(window_size=(2, 0)), "window_size"),
         (forward(softmax_scale=0.25), "softmax_scale"),
+        # Only rank 1 would run a backward, which exchanges with the others: they would never join.
+        (forward(tensors=(q.detach().requires_grad_(), k, v)), "requires_grad"),
     ]
     for call, field in disagreements:
         message = expect_error(ValueError, "disagree on " + field, call)
@@ -233,6 +235,8 @@ def mismatches_on_rank(rank, world_size):
     rejected(ValueError, "seqlen_local must be even", forward(tensors=tuple(t[:, :3] for t in (q, k, v))))
     rejected(ValueError, "window_size", forward(window_size=(-2, 0)))
     rejected(TypeError, "causal must be a bool", forward(causal=1))
+    # Too large for the check's int64 record: refused by name on that rank, not overflowing there alone.
+    rejected(ValueError, "window_size: 9223372036854775808 is out of range", forward(window_size=(2 ** 63, -1)))
 
     out, lse = ring.forward(q, k, v, **base)
     wrong_lse = lse[:, :, :3] if odd else lse
@@ -291,6 +295,20 @@ def test_unsupported_options_raise_and_name_themselves():
         ring.forward(q, q[:, :2], q[:, :2])
     with pytest.raises(ValueError, match="kv must have shape"):
         rfa.ring_flash_attn_kvpacked_func(q, q)
+
+
+def test_a_bad_ring_timeout_raises_in_the_cross_rank_check(monkeypatch):
+    """CUDA shards of a ring of several ranks read RING_ATTN_TIMEOUT_S while validating (so a rank
+    with a bad value raises with all the others), not first when the communicator is made."""
+    monkeypatch.setenv("RING_ATTN_TIMEOUT_S", "soon")
+    shape = checks.QKVShape(batch=1, seqlen_q=8, seqlen_k=8, heads=2, heads_kv=2, head_dim=64)
+    with pytest.raises(ValueError, match="RING_ATTN_TIMEOUT_S must be a positive number"):
+        ring.plan_call(shape, torch.bfloat16, torch.device("cuda", 0), False, ring.RingGroup(None, 0, 2), True,
+                       None, "zigzag", (-1, -1))
+    # A CPU ring has no NCCL communicator: the setting is not read.
+    _, call = ring.plan_call(shape, torch.float32, torch.device("cpu"), False, ring.RingGroup(None, 0, 1),
+                                  True, None, "zigzag", (-1, -1))
+    assert len(call.plan) == 1
 
 
 def test_drop_in_return_values_and_flags():

@@ -143,6 +143,11 @@ def errors_on_rank(rank, world_size):
     # Rank 1 alone passes another layout: every rank raises instead of waiting in an exchange.
     expect_error(ValueError, "disagree on layout", lambda: usp_attn_func(
         q, kv, kv, causal=True, groups=groups, layout="stripe" if rank == 1 else "zigzag"))
+    # Rank 1 alone passes groups of another Ulysses degree (the same local shapes): it would enter
+    # other exchanges than the rest.
+    pure_ulysses = usp_groups(4)
+    expect_error(ValueError, "disagree on ulysses_degree", lambda: usp_attn_func(
+        q, kv, kv, causal=True, groups=pure_ulysses if rank == 1 else groups))
     # Rank 3 alone passes bad heads: the others learn that it rejected its arguments.
     bad = rank == 3
     expect_error(ValueError, "must be a multiple" if bad else "rank(s) [3] of the process group rejected",

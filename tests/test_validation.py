@@ -53,9 +53,11 @@ def test_wrong_number_of_dimensions(which):
         flash_attn_func(*tensors)
 
 
-def test_integer_dtype():
-    q, k, v = (t.long() for t in qkv())
-    with raises(TypeError, "q must have a floating-point dtype, got torch.int64"):
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float8_e4m3fn, torch.complex64])
+def test_dtype_without_a_reference(dtype):
+    q, k, v = (t.to(dtype) for t in qkv())
+    with raises(TypeError, f"q must be float16, bfloat16, float32 or float64 (the PyTorch reference's dtypes off "
+                           f"CUDA), got {dtype}"):
         flash_attn_func(q, k, v)
 
 

@@ -132,6 +132,11 @@ def errors_on_rank(rank, world_size):
         q, kv, kv, torch.tensor([0, 4, 6], dtype=torch.int32) if rank == 1 else cu, 4))
     expect_error(ValueError, "disagree on layout", lambda: (
         zigzag_ring_flash_attn_varlen_func if rank == 0 else ring_flash_attn_varlen_func)(q, kv, kv, cu, 4))
+    # Rank 0 alone passes a qkv that does not hold q, k and v: the others raise too, none waits.
+    qkv = torch.stack((kv, kv, kv), dim=1)
+    expect_error(ValueError, "qkv must have shape (total_tokens, 3, heads, head_dim)" if rank == 0 else
+                 "rank(s) [0] of the process group rejected", lambda: zigzag_ring_flash_attn_varlen_qkvpacked_func(
+                     qkv[:, :2] if rank == 0 else qkv, cu, 4))
     out = zigzag_ring_flash_attn_varlen_func(q, kv, kv, cu, 4, causal=True)  # the group still works afterwards
     assert out.shape == q.shape and torch.isfinite(out).all()
     return True
