@@ -8,8 +8,6 @@ i + s_k - s_q.
 """
 import functools
 
-import torch
-
 from . import checks
 from .masks import band_for
 from .packing import KV_PACKED, QKV_PACKED, SEPARATE
@@ -36,13 +34,16 @@ def _validate(what, packing, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         raise NotImplementedError("block_table: paged key/value caches are not supported yet; pass block_table=None")
     cu_q, cu_k, max_q, max_k = _CU_NAMES[packing]
     bounds_q = check_cu_seqlens(cu_seqlens_q, cu_q, shape.seqlen_q)
-    bounds_k = check_cu_seqlens(cu_seqlens_k, cu_k, shape.seqlen_k)
+    if cu_seqlens_k is cu_seqlens_q and shape.seqlen_k >= bounds_q[-1]:
+        bounds_k = bounds_q  # one tensor for both (self-attention): read once
+    else:
+        bounds_k = check_cu_seqlens(cu_seqlens_k, cu_k, shape.seqlen_k)
     check_max_seqlen(max_seqlen_q, max_q, bounds_q, cu_q)
     check_max_seqlen(max_seqlen_k, max_k, bounds_k, cu_k)
     if len(bounds_q) != len(bounds_k):
         raise ValueError(f"{cu_q} and {cu_k} must describe the same number of sequences, got {len(bounds_q) - 1} "
                          f"and {len(bounds_k) - 1}")
-    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_backward = checks.needs_autograd((q, k, v))
     ext = checks.check_device_support(shape, q.device, what, q.dtype, backward=needs_backward)
     return ext, softmax_scale, _sequences(bounds_q, bounds_k, causal, window)
 
@@ -64,8 +65,9 @@ def _result(out, lse, return_attn_probs):
 _COMMON_DOC = """
     cu_seqlens_q / cu_seqlens_k: int32 (or int64) tensors of batch + 1 entries, the cumulative
       sequence lengths: sequence i is rows cu_seqlens[i] : cu_seqlens[i + 1] of the packed tensor.
-      They are read on the host (one device-to-host copy per call). The last entry may stop short
-      of the packed tensor's rows: rows after it belong to no sequence and give out 0.
+      They are read on the host on every call (one device-to-host copy each, one in all when they
+      are the same tensor): our kernels launch from a table of the sequences. The last entry may
+      stop short of the packed tensor's rows: rows after it belong to no sequence and give out 0.
     max_seqlen_q / max_seqlen_k: ints no smaller than the longest sequence (a smaller one raises).
     Other arguments as in flash_attn_func: dropout_p must be 0.0, softcap 0.0, alibi_slopes None;
     deterministic=True raises on CUDA; causal and window_size apply within each sequence, aligned

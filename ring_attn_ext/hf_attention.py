@@ -12,7 +12,9 @@ Two ways to split the tokens (register_hf_attention's layout):
   queries to the keys of their sequences through the llama3 engine (llama3_attention.py: K/V
   all-gathered, gradients sent back to the ranks that own them). The packing stays in force until
   the next update: a batch of another packing needs its own call (the ranks compare checksums of
-  their packings at every layer, but a batch of the same length cannot be told apart).
+  their packings at every layer, and a batch of another length is refused, but a batch of the same
+  length cannot be told apart). The packing comes from the update alone: the cu_seq_lens_* and
+  max_length_* keyword arguments transformers may pass the layers are not read.
 - A ring layout ("ring", "zigzag", "stripe"): each batch row is one sequence; each rank feeds its
   shard of every row in that layout (sharding.py) with position_ids from positions(); the layers run
   the ring (ring.py; on CUDA the C++ NCCL ring with our kernels).
@@ -41,8 +43,10 @@ from .varlen import PACKED_NAMES, check_cu_seqlens
 
 class _Packing(typing.NamedTuple):
     """What update_ring_flash_attn_params sets: a checksum of cu_seqlens, which the ranks compare
-    at every layer, and this rank's arguments of the llama3 function, by causal."""
+    at every layer, the tokens each rank holds, and this rank's arguments of the llama3 function,
+    by causal."""
     cu_seqlens_crc: int
+    chunk: int
     prepared: dict
 
 
@@ -65,8 +69,9 @@ def update_ring_flash_attn_params(cu_seqlens, process_group=None):
     prepared = {causal: llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, ring_group.rank,
                                                              ring_group.world_size)
                 for causal in (True, False)}
-    bounds = check_cu_seqlens(cu_seqlens, "cu_seqlens", None)  # the host copy the line above read
-    _PACKINGS[_group_key(process_group)] = _Packing(zlib.crc32(str(bounds).encode()), prepared)
+    bounds = check_cu_seqlens(cu_seqlens, "cu_seqlens", None)
+    _PACKINGS[_group_key(process_group)] = _Packing(zlib.crc32(str(bounds).encode()),
+                                                    bounds[-1] // ring_group.world_size, prepared)
 
 
 def _kernel_dtype(query, module):
@@ -106,6 +111,10 @@ def _check_packed_call(ring_group, process_group, heads_k_stride, module, query,
     if query.dim() != 4 or query.shape[0] != 1:
         raise ValueError(f"query: ring attention over a packed stream takes a batch of one, this rank's chunk; got "
                          f"query of shape {tuple(query.shape)}")
+    if query.shape[2] != packing.chunk:
+        raise ValueError(f"query holds {query.shape[2]} tokens, but the packing that update_ring_flash_attn_params "
+                         f"set gives each rank {packing.chunk}: call it with this batch's cu_seqlens before the "
+                         "forward")
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice = packing.prepared[causal]
     dtype = _kernel_dtype(query, module)
     q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (L, heads, head_dim)

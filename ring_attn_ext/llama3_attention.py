@@ -20,7 +20,7 @@ from .gathered_kv import GatherCall, attend, check_heads_k_stride, check_local_c
 from .group_checks import Signature
 from .masks import band_at_shift
 from .packing import KV_PACKED, QKV_PACKED, SEPARATE
-from .varlen import PACKED_NAMES, Sequence, check_cu_seqlens, check_max_seqlen
+from .varlen import PACKED_NAMES, Sequence, check_cu_seqlens, check_max_seqlen, remember_bounds
 
 
 def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
@@ -57,7 +57,9 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
 
     def tensor(values):
-        return torch.tensor(values, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+        made = torch.tensor(values, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+        remember_bounds(made, values)  # every layer's call then reads nothing back from the device
+        return made
 
     return tensor(cu_q), tensor(cu_k), max(lengths_q), max(lengths_k), slice(keys_begin, keys_end)
 
@@ -79,6 +81,12 @@ def check_call(q, k, v, names, ring_group, cu_seqlens_q, cu_seqlens_k, max_seqle
                          f"rows (0 <= start <= stop), as llama3_flash_attn_prepare_cu_seqlens returns; got "
                          f"{local_k_slice!r}")
     bounds_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", chunk)
+    if bounds_q[-1] != chunk:
+        # Every row of a chunk belongs to a sequence of the stream; a shorter cu_seqlens_q was made
+        # for a shorter chunk, and its rows would sit at the wrong stream positions.
+        raise ValueError(f"cu_seqlens_q must end at {chunk}, the rows of this rank's chunk (q), as "
+                         f"llama3_flash_attn_prepare_cu_seqlens makes it for a stream of {chunk} tokens per rank; "
+                         f"got {bounds_q[-1]}")
     bounds_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", local_k_slice.stop - local_k_slice.start)
     check_max_seqlen(max_seqlen_q, "max_seqlen_q", bounds_q, "cu_seqlens_q")
     check_max_seqlen(max_seqlen_k, "max_seqlen_k", bounds_k, "cu_seqlens_k")
@@ -88,12 +96,22 @@ def check_call(q, k, v, names, ring_group, cu_seqlens_q, cu_seqlens_k, max_seqle
     # Query row i of sequence s sits at stream position rank * chunk + bounds_q[s] + i, key row j at
     # local_k_slice.start + bounds_k[s] + j: the band's shift is the difference of the two starts.
     q_start, k_start = ring_group.rank * chunk, local_k_slice.start
+    for index, (q_begin, q_end, k_begin, k_end) in enumerate(zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])):
+        # A sequence's queries are among its keys, wherever they are cut: arguments prepared for
+        # another rank (a global rank passed for a subgroup's, say) break that somewhere.
+        if q_end > q_begin and not k_start + k_begin <= q_start + q_begin < q_start + q_end <= k_start + k_end:
+            raise ValueError(
+                f"sequence {index}: its queries (stream positions {q_start + q_begin} to {q_start + q_end - 1}) "
+                f"must lie among its keys ({k_start + k_begin} to {k_start + k_end - 1}); cu_seqlens_q, "
+                f"cu_seqlens_k and local_k_slice must come from llama3_flash_attn_prepare_cu_seqlens for this "
+                f"rank ({ring_group.rank} of {world_size} in the group)")
     sequences = tuple(
         Sequence(slice(q_begin, q_end), slice(k_begin, k_end),
                  band_at_shift((q_start + q_begin) - (k_start + k_begin), causal, window))
         for q_begin, q_end, k_begin, k_end in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:]))
     signature = Signature("llama3", (1, *q.shape), (1, *k.shape), q.dtype, q.device.type, None, causal,
-                          tuple(window), scale, heads_k_stride=heads_k_stride)
+                          tuple(window), scale, heads_k_stride=heads_k_stride,
+                          requires_grad=checks.needs_autograd((q, k, v)))
     return signature, GatherCall(ring_group, ext, scale, sequences, heads_k_stride,
                                  slice(local_k_slice.start, local_k_slice.stop))
 
@@ -119,7 +137,6 @@ def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, ma
                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
                                            causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
                                            return_attn_probs=False, group=None):
-    checks.check_packed(kv, "kv", 2, "k and v", varlen=True)
     return _run(KV_PACKED, (q, kv), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                 return_attn_probs, group)
@@ -129,7 +146,6 @@ def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max
                                             heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
                                             causal=False, window_size=(-1, -1), alibi_slopes=None,
                                             deterministic=False, return_attn_probs=False, group=None):
-    checks.check_packed(qkv, "qkv", 3, "q, k and v", varlen=True)
     return _run(QKV_PACKED, (qkv,), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                 return_attn_probs, group)

@@ -68,7 +68,7 @@ def ring_backward_reference(dout, q, k, v, out, lse, plan, group, softmax_scale)
             block_dk, block_dv = torch.zeros_like(own_dk), torch.zeros_like(own_dv)
         for piece in pieces:
             rows, keys = _rows(piece), _keys(piece)
-            piece_dq, piece_dk, piece_dv = _piece_backward(
+            piece_dq, piece_dk, piece_dv = piece_backward(
                 dout[:, rows], q[:, rows], block_k[:, keys], block_v[:, keys], lse[:, :, rows],
                 delta[:, :, rows], softmax_scale, piece.key_offset_min, piece.key_offset_max, accum)
             dq[:, rows] += piece_dq
@@ -126,8 +126,9 @@ def piece_forward(q, k, v, softmax_scale, key_offset_min, key_offset_max, accum)
     return out, lse
 
 
-def _piece_backward(dout, q, k, v, lse, delta, softmax_scale, key_offset_min, key_offset_max, accum):
-    """Exact gradients of one piece given the global lse and delta (FlashAttention-2's backward):
+def piece_backward(dout, q, k, v, lse, delta, softmax_scale, key_offset_min, key_offset_max, accum):
+    """Exact gradients of one piece given the global lse and delta (FlashAttention-2's backward),
+    unrounded in `accum` (varlen.py uses it too):
     P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = dS K scale,
     dK = dS^T Q scale."""
     scores, k_expanded = _scores(q, k, softmax_scale, key_offset_min, key_offset_max, accum)

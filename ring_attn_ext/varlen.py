@@ -20,10 +20,10 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import checks
-from .flash_attn_interface import attention_backward, prepare_for_kernels
+from .flash_attn_interface import prepare_for_kernels
 from .packed_kernels import packed_backward, packed_forward
 from .packing import KV_PACKED, QKV_PACKED, SEPARATE, pack, unpack
-from .ring_reference import accumulation_dtype, piece_forward
+from .ring_reference import accumulation_dtype, piece_backward, piece_forward
 
 
 # How each packing names q, k and v (views along dimension 1) in error messages.
@@ -40,9 +40,10 @@ class Sequence(typing.NamedTuple):
 
 
 def check_cu_seqlens(cu_seqlens, name, total):
-    """The boundaries of cu_seqlens as a tuple of ints (read and checked on the host once per tensor
-    and version, see _host_bounds): a 1-D int32 or int64 tensor that starts at 0, never decreases
-    and ends at most at `total`, the rows of the packed tensor it describes (None: no such bound)."""
+    """The boundaries of cu_seqlens as a tuple of ints (read on the host and checked, unless this
+    package made the tensor: see _MADE_HERE): a 1-D int32 or int64 tensor that starts at 0, never
+    decreases and ends at most at `total`, the rows of the packed tensor it describes (None: no
+    such bound)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of cumulative sequence lengths, got "
                         f"{type(cu_seqlens).__name__}")
@@ -57,26 +58,37 @@ def check_cu_seqlens(cu_seqlens, name, total):
     return bounds
 
 
-# cu_seqlens tensor -> (its version counter, its checked values as a tuple). A model passes the same
-# cu_seqlens to every attention layer of a step; reading a CUDA tensor on the host waits for all the
-# GPU work queued before it, so each layer would drain the GPU's queue and start it again empty, and
-# checking the values again costs time that grows with the number of sequences. Read and check once
-# per tensor, and again only after an in-place change (which bumps the version counter); weak keys
-# drop a tensor's entry when the tensor dies.
-_HOST_BOUNDS = WeakIdKeyDictionary()
+# cu_seqlens tensors this package made (llama3_flash_attn_prepare_cu_seqlens's) -> (their version
+# counter, their values as a tuple). A model passes them to every attention layer of a step, and
+# reading a CUDA tensor on the host waits for all the GPU work queued before it: each layer would
+# drain the GPU's queue and start it again empty. Their values are known where they are made, so
+# they are not read back, unless changed in place since (which bumps the version counter). Tensors
+# from elsewhere are read on every call: writes that leave the version counter alone (a
+# torch.distributed broadcast into the tensor, .data, a NumPy view) would make a copy kept here
+# stale and the results silently wrong. Weak keys drop a tensor's entry when the tensor dies.
+_MADE_HERE = WeakIdKeyDictionary()
+
+
+def remember_bounds(cu_seqlens, bounds):
+    """Records the values of a cu_seqlens tensor this package just made from `bounds` (which start
+    at 0 and never decrease)."""
+    version = _version(cu_seqlens)
+    if version is not None:
+        _MADE_HERE[cu_seqlens] = (version, tuple(bounds))
+
+
+def _version(tensor):
+    try:
+        return tensor._version
+    except RuntimeError:  # tensors made under torch.inference_mode() keep no version counter
+        return None
 
 
 def _host_bounds(cu_seqlens, name):
-    try:
-        version = cu_seqlens._version
-    except RuntimeError:  # tensors made under torch.inference_mode() keep no version counter
-        return _read_bounds(cu_seqlens, name)
-    cached = _HOST_BOUNDS.get(cu_seqlens)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    bounds = _read_bounds(cu_seqlens, name)
-    _HOST_BOUNDS[cu_seqlens] = (version, bounds)
-    return bounds
+    made = _MADE_HERE.get(cu_seqlens)
+    if made is not None and made[0] == _version(cu_seqlens):
+        return made[1]
+    return _read_bounds(cu_seqlens, name)
 
 
 def _read_bounds(cu_seqlens, name):
@@ -146,13 +158,16 @@ def varlen_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, 
     add up."""
     if ext is not None:
         return packed_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, dk, dv)
+    accum = accumulation_dtype(q.dtype)
     for sequence in sequences:
         rows, keys = sequence.queries, sequence.keys
         if rows.stop == rows.start or keys.stop == keys.start:
             continue
-        grads = attention_backward(ext, _one(dout, rows), _one(q, rows), _one(k, keys), _one(v, keys),
-                                   _one(out, rows), lse[:, rows].unsqueeze(0).contiguous(), softmax_scale,
-                                   sequence.band)
+        seq_dout = _one(dout, rows)
+        delta = (seq_dout.to(accum) * _one(out, rows).to(accum)).sum(-1).transpose(1, 2)
+        # Unrounded: the caller's fp32 dK/dV (gathered_kv.py) add sequences and ranks before any rounding.
+        grads = piece_backward(seq_dout, _one(q, rows), _one(k, keys), _one(v, keys),
+                               lse[:, rows].unsqueeze(0).to(accum), delta, softmax_scale, *sequence.band, accum)
         for destination, grad, span in zip((dq, dk, dv), grads, (rows, keys, keys)):
             destination[span] += grad[0]
 

@@ -179,6 +179,9 @@ def body_error(rank, world_size, case, errors):
     elif case == "padding mask":
         mask = torch.ones(1, 12, dtype=torch.long)
         mask[0, -2:] = 0
+    elif case == "a longer batch":  # the packing of a stream of 2 x 12 tokens, a batch of 2 x 16
+        ids, positions, _ = packed_batch([0, 5, 20, 32], 9)
+        chunk = slice(rank * 16, (rank + 1) * 16)
     batch = 2 if case == "batch of two" else 1
     error_type, fragment = errors[rank] if isinstance(errors, dict) else errors
     expect_error(error_type, fragment, lambda: model(input_ids=ids[:, chunk].expand(batch, -1),
@@ -196,6 +199,8 @@ REJECTED = "ring attention in a transformers model: rank(s) [1] of the process g
     ("another packing on rank 1", (ValueError, "the ranks of the process group disagree on cu_seqlens")),
     ("padding mask", (ValueError, "attention_mask: ring attention in a transformers model takes no padding mask")),
     ("batch of two", (ValueError, "query: ring attention over a packed stream takes a batch of one")),
+    ("a longer batch", (ValueError, "query holds 16 tokens, but the packing that update_ring_flash_attn_params "
+                                    "set gives each rank 12")),
 ])
 def test_errors_name_the_rule_on_every_rank(pool, case, errors):
     pool.run(body_error, case, errors)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import packed_attention, varlen_mask
 from ring_attn_ext import (llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func,
-                           llama3_flash_attn_varlen_kvpacked_func, llama3_flash_attn_varlen_qkvpacked_func)
+                           llama3_flash_attn_varlen_kvpacked_func, llama3_flash_attn_varlen_qkvpacked_func, varlen)
 from ring_workers import RankPool
 from test_ring_cpu import assert_close, expect_error
 
@@ -135,6 +135,25 @@ def test_llama3_in_one_process_without_torch_distributed():
     all_cases_on_rank(0, 1, chunk=9)
 
 
+def test_prepared_cu_seqlens_are_not_read_back(monkeypatch):
+    """The tensors llama3_flash_attn_prepare_cu_seqlens makes are known on the host: a layer's call
+    reads nothing back from them (on CUDA each read waits for the GPU's queue), unless they were
+    changed in place since."""
+    cu_q, cu_k, max_q, max_k, keys = llama3_flash_attn_prepare_cu_seqlens(
+        torch.tensor([0, 3, 8], dtype=torch.int32), True, 0, 1)
+    q = torch.randn(8, 2, 8, dtype=torch.float64)
+
+    def no_read(tensor, name):
+        raise AssertionError(f"{name} was read back")
+
+    monkeypatch.setattr(varlen, "_read_bounds", no_read)
+    out = llama3_flash_attn_varlen_func(q, q, q, cu_q, cu_k, max_q, max_k, 2, keys, causal=True)
+    assert out.shape == q.shape
+    cu_q[1] = 4
+    with pytest.raises(AssertionError, match="cu_seqlens_q was read back"):
+        llama3_flash_attn_varlen_func(q, q, q, cu_q, cu_k, max_q, max_k, 2, keys, causal=True)
+
+
 @pytest.mark.parametrize("pool", [2, 3, 4], indirect=True)
 def test_llama3_matches_full_attention(pool):
     assert pool.run(all_cases_on_rank, 7) == [True] * pool.world_size
@@ -155,6 +174,13 @@ def errors_on_rank(rank, world_size):
     expect_error(ValueError, "cu_seqlens_k ends at", lambda: call(cu_k=cu_k + torch.tensor([0] * (len(cu_k) - 1) + [1]),
                                                                 max_k=max_k + 1))
     expect_error(ValueError, "must hold the same tokens", lambda: call(k=kv[:3]))
+    # Every rank passes what was prepared for another rank.
+    theirs = llama3_flash_attn_prepare_cu_seqlens(bounds, True, world_size - 1 - rank, world_size)
+    expect_error(ValueError, "must come from llama3_flash_attn_prepare_cu_seqlens for this rank", lambda: (
+        llama3_flash_attn_varlen_func(q, kv, kv, *theirs[:4], 2, theirs[4], causal=True)))
+    short_q = cu_q - (cu_q == chunk).to(cu_q.dtype)  # made for a chunk one token shorter
+    expect_error(ValueError, f"cu_seqlens_q must end at {chunk}, the rows of this rank's chunk", lambda: (
+        llama3_flash_attn_varlen_func(q, kv, kv, short_q, cu_k, max_q, max_k, 2, keys, causal=True)))
     expect_error(NotImplementedError, "dropout_p", lambda: call(dropout_p=0.5))
     expect_error(NotImplementedError, "alibi_slopes", lambda: call(alibi_slopes=torch.ones(4)))
     # Rank 1 alone gathers one head at a time: every rank raises instead of hanging in a gather.
@@ -163,6 +189,11 @@ def errors_on_rank(rank, world_size):
     bad = rank == 0
     expect_error(ValueError, "must divide the number" if bad else "rank(s) [0] of the process group rejected",
                  lambda: call(q=torch.randn(chunk, 3, 8, dtype=torch.float64) if bad else q))
+    # Rank 0 alone passes a kv that does not hold k and v: the others raise too, none waits.
+    packed = torch.stack((kv, kv), dim=1)
+    expect_error(ValueError, "kv must have shape (total_tokens, 2, heads, head_dim)" if bad else
+                 "rank(s) [0] of the process group rejected", lambda: llama3_flash_attn_varlen_kvpacked_func(
+                     q, packed[:, :1] if bad else packed, cu_q, cu_k, max_q, max_k, 2, keys, causal=True))
     out = call()  # the group still works afterwards
     assert out.shape == q.shape and torch.isfinite(out).all()
     return True

@@ -92,18 +92,22 @@ def test_varlen_returns_out_alone_by_default():
 
 
 def test_varlen_rereads_cu_seqlens_changed_in_place():
-    """cu_seqlens are read on the host once per tensor (varlen._host_bounds); an in-place change
-    must be seen by the next call, and tensors made under inference_mode (no version counter) work."""
+    """A cu_seqlens tensor from the caller is read on every call: a change in place must be seen by
+    the next call, also one that leaves the version counter alone (through .data or a NumPy view,
+    as a torch.distributed broadcast into the tensor does); tensors made under inference_mode (no
+    version counter) work."""
     generator = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(12, 2, 8, dtype=torch.float64, generator=generator) for _ in range(3))
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
-    for bounds in ([0, 5, 12], [0, 9, 12]):
-        cu.copy_(torch.tensor(bounds))  # the same tensor, changed in place
+    writes = [lambda bounds: cu.copy_(torch.tensor(bounds)), lambda bounds: cu.data.copy_(torch.tensor(bounds)),
+              lambda bounds: cu.numpy().__setitem__(slice(None), bounds)]
+    for write, bounds in zip(writes * 2, ([0, 5, 12], [0, 9, 12], [0, 2, 12], [0, 7, 12], [0, 11, 12], [0, 5, 12])):
+        write(bounds)  # the same tensor, changed in place
         out = flash_attn_varlen_func(q, k, v, cu, cu, 12, 12, causal=True)
         expected, _ = packed_attention(q, k, v, varlen_mask(bounds, bounds, True, (-1, -1)))
         assert (out - expected).abs().max() <= ATOL, bounds
     with torch.inference_mode():
-        frozen = torch.tensor([0, 9, 12], dtype=torch.int32)
+        frozen = torch.tensor(bounds, dtype=torch.int32)
         out = flash_attn_varlen_func(q, k, v, frozen, frozen, 12, 12, causal=True)
     assert (out - expected).abs().max() <= ATOL
 
