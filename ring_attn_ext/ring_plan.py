@@ -29,7 +29,8 @@ run-local band [ceil((gmin - d)/s), floor((gmax - d)/s)] with d = kg - qg.
 Resulting causal plans (C = seqlen_local / 2 for zigzag, L = seqlen_local):
   ring:   step 0 (0, L, 0, L, None, 0); src < rank one full piece; src > rank empty.
   zigzag: step 0 three pieces, the two local chunks causal and the second chunk over the first
-          full; src < rank (0, 2C, 0, C, None, None): all queries, the block's first chunk;
+          full (on the last rank the two chunks are adjacent globally: one causal piece);
+          src < rank (0, 2C, 0, C, None, None): all queries, the block's first chunk;
           src > rank (C, C, 0, 2C, None, None): the second query chunk, the whole block.
   stripe: src <= rank (0, L, 0, L, None, 0); src > rank (1, L-1, 0, L-1, None, 0), which is the
           band "key offset <= -1" over the whole block with the query row that sees nothing and

@@ -133,6 +133,10 @@ def unshard(x, layout, world_size, dim=1, ulysses_degree=1):
     if isinstance(x, (list, tuple)):
         if len(x) != world_size:
             raise ValueError(f"unshard got {len(x)} local parts for world_size={world_size}")
+        lengths = [part.shape[_normalise_dim(part, dim)] for part in x]
+        if any(length != lengths[0] for length in lengths):
+            raise ValueError(f"unshard got local parts of unequal lengths {lengths} along dim {dim}: every rank "
+                             "holds seqlen / world_size tokens")
         x = torch.cat(list(x), dim=dim)
     dim = _normalise_dim(x, dim)
     seqlen = x.shape[dim]

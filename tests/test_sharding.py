@@ -112,6 +112,8 @@ def test_errors_name_the_rule():
         shard(torch.randn(4, 4), "ring", 0, 2, dim=3)
     with pytest.raises(ValueError, match="2 local parts for world_size=3"):
         unshard([torch.randn(1, 2), torch.randn(1, 2)], "ring", 3)
+    with pytest.raises(ValueError, match=r"local parts of unequal lengths \[3, 5\] along dim 1"):
+        unshard(list(torch.arange(8.0)[None].split([3, 5], dim=1)), "zigzag", 2)
     with pytest.raises(ValueError, match="seqlen_local must be even"):
         local_runs("zigzag", 0, 2, 3)
     assert tokens_per_rank(24, "zigzag", 3) == 8
