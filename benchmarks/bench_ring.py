@@ -9,7 +9,8 @@ against a single GPU.
 
 A configuration is the LOCAL shard of every rank: batch 1, s_local tokens, h query heads, h_kv
 key/value heads, d 128, bf16, causal or not (the global sequence is N * s_local). The default set is
-DESIGN.md section 7's four. Every rank holds its shard of the same global tensors, in each layout.
+the project's four target configurations (s8k_h32_kv8_causal, s8k_h32_kv32_causal,
+s8k_h32_kv32_full, s32k_h32_kv8_causal). Every rank holds its shard of the same global tensors, in each layout.
 
 Per configuration, each measurement runs a loop of iterations between two CUDA events on every
 rank after a barrier and a warm-up; the time is the slowest rank's:
@@ -100,7 +101,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     names = ", ".join(c.name for c in ALL_CONFIGS)
     p.add_argument("--configs", default="design",
-                   help=f"'design' (DESIGN.md section 7, default), 'all', or a comma list of: {names}")
+                   help=f"'design' (the four target configurations, default), 'all', or a comma list of: {names}")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of ring, zigzag, stripe")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, fwd_bwd")
     add_run_arguments(p)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ._extension import has_extension
 from .masks import band_for
 from .llama3_attention import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
 from .reference import attention_reference, masked_attention_reference
@@ -43,7 +44,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m ring_attn_ext", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda when a GPU is present, else cpu")
+                        help="auto: cuda when a GPU is present and the CUDA extension was built, else cpu")
     parser.add_argument("--world-size", type=int, default=None,
                         help="processes in the ring (default: the number of GPUs, or 4 on CPU)")
     parser.add_argument("--seqlen", type=int, default=None,
@@ -67,9 +68,12 @@ def parse_args(argv):
                              "and zigzag varlen functions")
     args = parser.parse_args(argv)
     if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = "cuda" if torch.cuda.is_available() and has_extension() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
+    if args.device == "cuda" and not has_extension():
+        parser.error("--device cuda: the CUDA extension was not built (a pure-Python install runs on CPU "
+                     "processes: --device cpu)")
     if args.world_size is None:
         args.world_size = torch.cuda.device_count() if args.device == "cuda" else 4
     if args.world_size < 1 or (args.device == "cuda" and args.world_size > torch.cuda.device_count()):

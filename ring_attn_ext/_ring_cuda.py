@@ -14,7 +14,8 @@ The ring has its own NCCL communicator, made once per (group, device): group ran
 ncclUniqueId, the group broadcasts it, every rank joins. It lives until destroy_communicators(),
 which runs at exit (processes that end without running atexit handlers, such as multiprocessing
 workers, call it themselves). A rank that dies or stops calling the ring cannot hang the others:
-see timeout_seconds().
+see timeout_seconds(). One thread at a time may run rings on a process group: calls from two
+threads at once would interleave their transfers in a different order on each rank.
 
 For tests, a whole ring also runs on one GPU, the virtual ranks exchanging blocks by device copies
 through the same C++ scheduler:

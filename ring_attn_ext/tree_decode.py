@@ -18,7 +18,8 @@ moves only q-sized data, so no K/V leaves its rank.
 causal=False: every query sees every cached key (one new token whose key is in the cache already).
 causal=True: the queries sit at global positions q_start, q_start + 1, ... and this rank's keys at
 k_start, k_start + 1, ...; a query sees the keys at or before its own position (several new tokens,
-e.g. speculative decoding). Forward only: tree_attn_decode refuses tensors that require grad.
+e.g. speculative decoding). Forward only: tree_attn_decode refuses tensors that require grad
+outside torch.no_grad().
 """
 import numbers
 

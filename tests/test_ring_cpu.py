@@ -335,6 +335,15 @@ def test_main_job_on_cpu():
         result.stdout
 
 
+def test_main_job_runs_on_cpu_where_the_extension_was_not_built(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(main_job, "has_extension", lambda: False)
+    assert main_job.parse_args([]).device == "cpu"
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--device", "cuda"])
+    assert "--device cuda: the CUDA extension was not built" in capsys.readouterr().err
+
+
 def test_main_job_reports_failure_and_bad_arguments(capsys):
     args = main_job.parse_args(["--device", "cpu", "--world-size", "2", "--seqlen", "8"])
     passing = [0.1, 1.0] * len(main_job.QUANTITIES) + [1.0]
