@@ -17,6 +17,9 @@ from .masks import check_window_size
 from .packing import KV_PACKED, QKV_PACKED
 from .reference import default_softmax_scale
 
+# The kernels' launch grids put the batch and the heads in their y and z dimensions, which CUDA
+# limits to 65535 blocks.
+MAX_GRID_YZ = 65535
 # The kernels move 16 bytes per thread, so every row they read must start on a 16-byte boundary.
 KERNEL_ALIGNMENT_BYTES = 16
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -175,6 +178,10 @@ def check_device_support(shape, device, what, dtype=None, backward=True):
     kernel list, so an uncompiled combination never reaches the C++ layer."""
     if device.type != "cuda":
         return None
+    for size, name in ((shape.batch, "batch size"), (shape.heads, "number of heads")):
+        if size > MAX_GRID_YZ:
+            raise ValueError(f"q's {name} is {size}, but at most {MAX_GRID_YZ} fit a dimension of the CUDA kernels' "
+                             f"launch grid ({what}): split the call")
     ext = require_extension(what)
     supported = list(ext.supported_head_dims())
     if shape.head_dim not in supported:

@@ -214,6 +214,17 @@ def test_cuda_head_dim_must_be_compiled(monkeypatch):
     assert checks.check_device_support(shape, torch.device("cpu"), "x") is None
 
 
+def test_cuda_batch_and_heads_must_fit_the_launch_grid(monkeypatch):
+    monkeypatch.setattr(checks, "require_extension", lambda what: _ExtensionWithHeadDims())
+    shape = checks.QKVShape(65535, 4, 4, 65535, 1, 64)
+    assert isinstance(checks.check_device_support(shape, torch.device("cuda"), "x"), _ExtensionWithHeadDims)
+    with raises(ValueError, "q's batch size is 65536, but at most 65535 fit a dimension of the CUDA kernels' "
+                            "launch grid (flash_attn_func)"):
+        checks.check_device_support(shape._replace(batch=65536), torch.device("cuda"), "flash_attn_func")
+    with raises(ValueError, "q's number of heads is 65536"):
+        checks.check_device_support(shape._replace(heads=65536), torch.device("cuda"), "flash_attn_func")
+
+
 def test_cpu_accepts_any_head_dim_and_floating_dtype():
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         out = flash_attn_func(*qkv(head_dim=5, dtype=dtype))
