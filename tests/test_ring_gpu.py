@@ -54,7 +54,8 @@ PREFERRED_KERNELS = [(128, torch.bfloat16), (64, torch.bfloat16), (128, torch.fl
 
 Case = typing.NamedTuple("Case", [
     ("world_size", int), ("layout", str), ("causal", bool), ("window_size", typing.Tuple[int, int]),
-    ("batch", int), ("seqlen_local", int), ("heads", int), ("heads_kv", int), ("softmax_scale", typing.Optional[float])])
+    ("batch", int), ("seqlen_local", int), ("heads", int), ("heads_kv", int),
+    ("softmax_scale", typing.Optional[float])])
 
 
 def make_case(world_size, layout, causal, window_size=(-1, -1), batch=2, seqlen_local=None, heads=4, heads_kv=4,
