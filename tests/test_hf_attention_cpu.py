@@ -206,6 +206,19 @@ def test_errors_name_the_rule_on_every_rank(pool, case, errors):
     pool.run(body_error, case, errors)
 
 
+@pytest.mark.parametrize("module_causal, is_causal, expected", [
+    (True, None, True), (True, False, False), (False, None, False), (False, True, True)])
+def test_a_layer_call_overrides_the_module_causal_flag(module_causal, is_causal, expected):
+    """transformers passes is_causal per call (None: the module's own flag); a world of one."""
+    attend = hf_attention._attention_function(None, None, "ring")
+    generator = torch.Generator().manual_seed(4)
+    query, key, value = (torch.randn(1, 4, 6, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    out, _ = attend(types.SimpleNamespace(is_causal=module_causal), query, key, value, None, is_causal=is_causal)
+    exact, _ = ring_attn_ext.attention_reference(*(t.transpose(1, 2) for t in (query, key, value)), None,
+                                                 *ring_attn_ext.band_for(6, 6, expected))
+    assert (out - exact).abs().max() <= 1e-12
+
+
 def test_float32_cuda_activations_run_in_the_dtype_of_the_weights():
     """As transformers' FlashAttention integration does for layer norms kept in float32 (the
     decision alone: a stand-in for a CUDA tensor, since this machine may have no GPU)."""

@@ -224,6 +224,11 @@ def mismatches_on_rank(rank, world_size):
     for call, field in disagreements:
         message = expect_error(ValueError, "disagree on " + field, call)
         assert "rank 0: " in message and "rank 1: " in message, message
+    # The last rank the odd one out: every record is compared, not only the first two.
+    last = world_size - 1
+    message = expect_error(ValueError, "disagree on softmax_scale", lambda: ring.forward(
+        q, k, v, **dict(base, softmax_scale=0.25 if rank == last else None)))
+    assert f"rank {last}: 0.25" in message, message
 
     def rejected(error_type, fragment, call):
         if odd:
@@ -319,6 +324,33 @@ def test_drop_in_return_values_and_flags():
     assert_close("deterministic", out, oracle(q, k, v, True, (-1, -1), None)[0])
     out_bf16 = rfa.ring_flash_attn_func(*(t.bfloat16() for t in (q, k, v)), causal=True)
     assert out_bf16.dtype == torch.bfloat16
+    rounded = (t.bfloat16().double() for t in (q, k, v))
+    assert_rounded_once("bf16 out", out_bf16, oracle(*rounded, True, (-1, -1), None)[0])
+
+
+def assert_rounded_once(name, actual, exact):
+    """The CPU path keeps every partial result in fp32 and rounds once at the end, so its error
+    against the exact result stays near that of rounding the exact result to actual's dtype."""
+    error = (actual.double() - exact).abs().max().item()
+    rounding = (exact.to(actual.dtype).double() - exact).abs().max().item()
+    assert error <= 2 * rounding, f"{name}: max error {error:.3g} > 2 x rounding error {rounding:.3g}"
+
+
+def test_bf16_ring_on_cpu_rounds_once():
+    """bf16 shards through the ring's CPU path, forward and backward (float64 inputs, as the other
+    CPU tests use, cannot show a partial result rounded to the input dtype: delta in bf16 doubles the
+    gradients' error here)."""
+    generator = torch.Generator().manual_seed(11)
+    q, k, v, dout = (2 * torch.randn(2, 64, 4, 64, generator=generator) for _ in range(4))
+    q, k, v, dout = (t.bfloat16() for t in (q, k, v, dout))
+    out, lse = ring.forward(q, k, v, causal=True)
+    grads = ring.backward(dout, q, k, v, out, lse, causal=True)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    exact, _ = oracle(*leaves, True, (-1, -1), None)
+    exact_grads = torch.autograd.grad(exact, leaves, dout.double())
+    assert_rounded_once("out", out, exact.detach())
+    for name, grad, exact_grad in zip(("dq", "dk", "dv"), grads, exact_grads):
+        assert_rounded_once(name, grad, exact_grad)
 
 
 def test_main_job_on_cpu():

@@ -112,6 +112,24 @@ def test_varlen_rereads_cu_seqlens_changed_in_place():
     assert (out - expected).abs().max() <= ATOL
 
 
+def test_bf16_on_cpu_rounds_once():
+    """bf16 through the CPU path, forward and backward, against the same call in float64 (exact):
+    every partial result stays in fp32, so the error stays near that of rounding the exact result
+    (a delta or a sequence's gradients rounded to bf16 first would double it)."""
+    generator = torch.Generator().manual_seed(12)
+    cu = torch.tensor([0, 40, 41, 100], dtype=torch.int32)
+    q, k, v, dout = (2 * torch.randn(100, 4, 64, generator=generator) for _ in range(4))
+    results = {}
+    for dtype in (torch.bfloat16, torch.float64):
+        leaves = [t.to(torch.bfloat16).to(dtype).requires_grad_() for t in (q, k, v)]
+        out = flash_attn_varlen_func(*leaves, cu, cu, 59, 59, causal=True)
+        results[dtype] = (out, *torch.autograd.grad(out, leaves, dout.to(torch.bfloat16).to(dtype)))
+    for name, actual, exact in zip(("out", "dq", "dk", "dv"), results[torch.bfloat16], results[torch.float64]):
+        error = (actual.double() - exact).abs().max().item()
+        rounding = (exact.to(torch.bfloat16).double() - exact).abs().max().item()
+        assert error <= 2 * rounding, f"{name}: max error {error:.3g} > 2 x rounding error {rounding:.3g}"
+
+
 def test_varlen_checks_cu_seqlens_again_after_in_place_change():
     """The host copy of cu_seqlens is checked when it is read; a tensor that passed once and is then
     changed in place into a bad one must fail the checks on its next use."""
