@@ -43,8 +43,18 @@ def run_metadata(torch):
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": command_line(),
     }
+
+
+def command_line():
+    """How this process was started, as a command to run again: under torchrun (which leaves only
+    the script and its arguments in sys.argv) with its process count in front."""
+    command = [os.path.basename(sys.executable)] + sys.argv
+    if "LOCAL_WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+    return " ".join(command)
 
 
 def write_json(path, document):

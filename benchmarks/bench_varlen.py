@@ -21,8 +21,9 @@ Rows (time = the slowest rank's loop time / iterations, as in bench_ring.py):
                        llama3_flash_attn_prepare_cu_seqlens.
   ours_zigzag,         zigzag_ring_flash_attn_varlen_func on the zigzag shards (ours gathers K/V,
   rfa_zigzag           heads_k_stride as above; ring-flash-attn passes them around its ring).
-efficiency = iter/s / (ours_1gpu iter/s / N); efficiency_own_kernel divides by the implementation's
-own single-GPU kernel instead (ring-flash-attn: fa2_1gpu). Every forward of ours is compared with
+efficiency = iter/s / (N * ours_1gpu iter/s): the one-GPU rows run the whole stream, which N ranks
+share, so a perfect split runs N times as many iterations per second; efficiency_own_kernel divides
+by the implementation's own single-GPU kernel instead (ring-flash-attn: fa2_1gpu). Every forward of ours is compared with
 ring-flash-attn's on the same shards (max_abs_diff_vs_rfa).
 
 ring-flash-attn's llama3 functions call flash-attn's _flash_attn_varlen_forward/backward, which
@@ -123,15 +124,24 @@ def torch_varlen_kernels(torch):
             scale=softmax_scale, window_size_left=window(window_size_left), window_size_right=window(window_size_right))
         return out, lse, None, None
 
+    def gradients(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  softmax_scale, causal, window_size_left=-1, window_size_right=-1):
+        """(dq, dk, dv), allocated by PyTorch's kernel."""
+        seed = torch.zeros(2, dtype=torch.int64, device=q.device)  # no dropout: the philox state is unused
+        offset = torch.empty(0, device=q.device)
+        return aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            0.0, causal, seed, offset, scale=softmax_scale, window_size_left=window(window_size_left),
+            window_size_right=window(window_size_right))[:3]
+
     def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                  dropout_p=0.0, softmax_scale=None, causal=False, window_size_left=-1, window_size_right=-1,
                  softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None):
-        seed = torch.zeros(2, dtype=torch.int64, device=q.device)  # no dropout: the philox state is unused
-        offset = torch.empty(0, device=q.device)
-        grads = aten._flash_attention_backward(
-            dout.contiguous(), q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            dropout_p, causal, seed, offset, scale=softmax_scale, window_size_left=window(window_size_left),
-            window_size_right=window(window_size_right))
+        # flash-attn's kernel writes into the caller's dq, dk, dv; PyTorch's allocates its own, so
+        # ring-flash-attn pays one copy of the gradients here that it would not pay on flash-attn.
+        assert dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None
+        grads = gradients(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          softmax_scale, causal, window_size_left, window_size_right)
         for destination, grad in zip((dq, dk, dv), grads):
             destination.copy_(grad)
         return dq, dk, dv, None
@@ -149,9 +159,8 @@ def torch_varlen_kernels(torch):
         @staticmethod
         def backward(ctx, dout):
             q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
-                     softmax_scale=ctx.scale, causal=True)
+            dq, dk, dv = gradients(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
+                                   ctx.scale, True)
             return dq, dk, dv, None, None
 
     return forward, backward, lambda q, k, v, cu_seqlens, max_seqlen: Attention.apply(q, k, v, cu_seqlens, max_seqlen)
@@ -231,8 +240,9 @@ def bench_config(torch, ring, args, cfg, rfa, torch_attention, device="cuda"):
 
 
 def add_efficiency(rows, world):
-    """efficiency of the multi-GPU rows against ours_1gpu / N, efficiency_own_kernel against the
-    implementation's own single-GPU kernel (ours: ours_1gpu, rfa: fa2_1gpu)."""
+    """efficiency of the multi-GPU rows against N * ours_1gpu (one GPU runs the whole stream that the
+    N ranks share), efficiency_own_kernel against N times the implementation's own single-GPU
+    kernel (ours: ours_1gpu, rfa: fa2_1gpu)."""
     single = {(r["config"], r["impl"], r["mode"]): r["iter_s"] for r in rows
               if r["impl"] in ("ours_1gpu", "fa2_1gpu") and r["status"] == "ok"}
     for r in rows:
@@ -240,10 +250,10 @@ def add_efficiency(rows, world):
             continue
         base = single.get((r["config"], "ours_1gpu", r["mode"]))
         if base is not None:
-            r["efficiency"] = r["iter_s"] / (base / world)
+            r["efficiency"] = r["iter_s"] / (base * world)
         own = single.get((r["config"], "ours_1gpu" if r["impl"].startswith("ours") else "fa2_1gpu", r["mode"]))
         if own is not None:
-            r["efficiency_own_kernel"] = r["iter_s"] / (own / world)
+            r["efficiency_own_kernel"] = r["iter_s"] / (own * world)
 
 
 def format_table(rows):

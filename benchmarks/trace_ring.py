@@ -6,7 +6,8 @@
 bench_ring.py says how efficient a ring is; this says where the rest went. Every rank runs warm-up
 iterations, then --iters traced ones, each between a barrier and a device synchronisation, so each
 iteration's kernels fall inside its own host-side window. From the kernels' GPU start and end times
-it measures, per iteration (the median over the traced ones):
+it measures, per iteration (reported for the traced iteration of median span, so that the parts
+below add up):
   span        first kernel start to last kernel end
   attention   time while at least one of our attention kernels runs (forward or backward, any stream)
   nccl        time while an NCCL kernel runs, and nccl_only: while one runs and no attention does
@@ -26,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import tempfile
 
 import bench_common
@@ -152,15 +152,11 @@ def kernels_by_iteration(trace_events, prefix):
 
 
 def median_breakdown(per_iteration):
-    """Per key, the median over the iterations that have a value (None where none has)."""
-    rows = [b for b in per_iteration if b is not None]
-    if not rows:
-        return None
-    result = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows if r[key] is not None]
-        result[key] = statistics.median(values) if values else None
-    return result
+    """The breakdown of the iteration of median span (the lower of the middle two for an even count)
+    among those that ran kernels: one iteration's parts, which add up to its span, where medians
+    taken key by key need not."""
+    rows = sorted((b for b in per_iteration if b is not None), key=lambda b: b["span_us"])
+    return rows[(len(rows) - 1) // 2] if rows else None
 
 
 # --- Tracing -------------------------------------------------------------------------------------
@@ -195,7 +191,7 @@ def traced_breakdown(torch, ring, step, args, label):
 
 def format_report(config_name, layout, mode, world, results):
     """results: [(rank, local breakdown, ring breakdown)]."""
-    lines = [f"{config_name} {layout} {mode}, {world} ranks; milliseconds, median of the traced iterations",
+    lines = [f"{config_name} {layout} {mode}, {world} ranks; milliseconds, the traced iteration of median span",
              f"{'rank':>4} {'local attn':>10} {'span':>8} {'attn':>8} {'attn-N*local':>12} {'nccl':>8} "
              f"{'nccl only':>9} {'other only':>10} {'idle':>8} {'N*local/span':>12} {'nccl CTAs':>9}"]
     for rank, local, ring in results:
@@ -233,7 +229,7 @@ def run(args, rank, world, local_rank):
             name = f"trace_ring_{bench_common.gpu_slug(meta['gpu'])}_w{world}_{cfg.name}_{args.layout}_{args.mode}.json"
             out = args.out or os.path.join(bench_common.RESULTS_DIR, name)
             document = dict(meta, world_size=world, config=cfg.name, layout=args.layout, mode=args.mode,
-                            iters=args.iters, statistic="median over traced iterations, microseconds",
+                            iters=args.iters, statistic="the traced iteration of median span, microseconds",
                             ranks=[{"rank": r, "local": lo, "ring": ri} for r, lo, ri in gathered])
             bench_common.write_json(out, document)
             print(f"wrote {out}")

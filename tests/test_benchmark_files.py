@@ -9,10 +9,22 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import bench_ring  # noqa: E402  (benchmarks/ is not a package)
+import bench_common  # noqa: E402  (benchmarks/ is not a package)
+import bench_ring  # noqa: E402
 import bench_varlen  # noqa: E402
 import plot_ring  # noqa: E402
 import trace_ring  # noqa: E402
+
+
+def test_results_record_a_torchrun_command_that_runs_again(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_ring.py", "--quick"])
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    plain = bench_common.command_line()
+    assert plain.endswith(" benchmarks/bench_ring.py --quick") and "torch.distributed.run" not in plain
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert bench_common.command_line().endswith(
+        " -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/bench_ring.py --quick")
 
 
 def test_ring_plot_takes_bench_ring_results_and_leaves_out_loopback_ones(tmp_path):
@@ -59,20 +71,21 @@ def test_varlen_bench_rates_multi_gpu_rows_against_one_gpu_on_the_whole_stream()
         return {"config": "long_s16k_kv8", "sequences": 5, "mode": mode, "impl": impl, "iter_s": iter_s,
                 "status": status}
 
-    rows = [row("ours_1gpu", 100.0), row("fa2_1gpu", 80.0), row("ours_llama3", 45.0), row("rfa_llama3", 36.0),
-            row("ours_zigzag", 40.0), row("rfa_zigzag", 38.0),
+    # One GPU runs the whole stream at 100 iter/s: two ranks sharing it perfectly would run 200.
+    rows = [row("ours_1gpu", 100.0), row("fa2_1gpu", 80.0), row("ours_llama3", 180.0), row("rfa_llama3", 144.0),
+            row("ours_zigzag", 160.0), row("rfa_zigzag", 152.0),
             row("ours_1gpu", 30.0, "fwd_bwd"), row("rfa_zigzag", 0.0, "fwd_bwd", "error")]
     bench_varlen.add_efficiency(rows, world=2)
     by_impl = {r["impl"]: r for r in rows if r["mode"] == "fwd"}
-    assert by_impl["ours_llama3"]["efficiency"] == 45.0 / 50.0
-    assert by_impl["ours_llama3"]["efficiency_own_kernel"] == 45.0 / 50.0
-    assert by_impl["rfa_llama3"]["efficiency"] == 36.0 / 50.0
-    assert by_impl["rfa_llama3"]["efficiency_own_kernel"] == 36.0 / 40.0
-    assert by_impl["rfa_zigzag"]["efficiency_own_kernel"] == 38.0 / 40.0
+    assert by_impl["ours_llama3"]["efficiency"] == 180.0 / 200.0
+    assert by_impl["ours_llama3"]["efficiency_own_kernel"] == 180.0 / 200.0
+    assert by_impl["rfa_llama3"]["efficiency"] == 144.0 / 200.0
+    assert by_impl["rfa_llama3"]["efficiency_own_kernel"] == 144.0 / 160.0
+    assert by_impl["rfa_zigzag"]["efficiency_own_kernel"] == 152.0 / 160.0
     assert "efficiency" not in by_impl["ours_1gpu"] and "efficiency" not in rows[-1]
     header, _, fwd, fwd_bwd = bench_varlen.format_table(rows).split("\n")
     assert header.split()[-4:] == ["ours", "zigzag", "rfa", "zigzag"]
-    assert fwd.endswith("45.0 ( 90%)     36.0 ( 72%)     40.0 ( 80%)     38.0 ( 76%)"), fwd
+    assert fwd.endswith("180.0 ( 90%)    144.0 ( 72%)    160.0 ( 80%)    152.0 ( 76%)"), fwd
     assert fwd_bwd.split()[-5:] == ["-", "-", "-", "-", "error"], fwd_bwd
 
 
@@ -135,11 +148,12 @@ def test_trace_breakdown_splits_an_iteration_by_what_runs():
     assert trace_ring.iteration_breakdown([(ATTENTION, 0, 10, 2048)])["nccl_ctas"] is None
 
 
-def test_trace_median_skips_iterations_without_a_value():
-    rows = [{"span_us": 10, "nccl_ctas": None}, {"span_us": 30, "nccl_ctas": 4}, {"span_us": 20, "nccl_ctas": 8},
-            None]
-    assert trace_ring.median_breakdown(rows) == {"span_us": 20, "nccl_ctas": 6}
-    assert trace_ring.median_breakdown([{"nccl_ctas": None}]) == {"nccl_ctas": None}
+def test_trace_reports_the_iteration_of_median_span_whole():
+    rows = [{"span_us": 10, "idle_us": 1}, {"span_us": 30, "idle_us": 9}, None, {"span_us": 20, "idle_us": 7},
+            {"span_us": 25, "idle_us": 2}]
+    assert trace_ring.median_breakdown(rows) == {"span_us": 20, "idle_us": 7}  # the lower middle of four
+    assert trace_ring.median_breakdown(rows[:3]) == {"span_us": 10, "idle_us": 1}
+    assert trace_ring.median_breakdown([None]) is None
 
 
 def test_trace_counts_our_forward_and_backward_kernels_as_attention():
