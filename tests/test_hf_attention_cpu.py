@@ -228,6 +228,14 @@ def test_float32_cuda_activations_run_in_the_dtype_of_the_weights():
     assert hf_attention._kernel_dtype(torch.zeros(1), module) == torch.float32  # CPU: the reference takes it
 
 
+def test_float32_cuda_activations_under_autocast_run_in_the_autocast_dtype(monkeypatch):
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16))
+    cuda_float32 = types.SimpleNamespace(dtype=torch.float32, is_cuda=True)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: device == ("cuda",))
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.float16)
+    assert hf_attention._kernel_dtype(cuda_float32, module) == torch.float16
+
+
 def test_update_prepares_and_checks_the_packing_in_one_process():
     """Without torch.distributed a world of one holds the whole stream; bad cu_seqlens fail at the
     update, not at a later forward."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ring_attn_ext.packed_kernels as packed_kernels
+from ring_attn_ext import checks
 from conftest import (GRADIENT_EPS, assert_flash_rule, poison_cuda_allocator, requires_cuda_extension,
                       skip_unless_built)
 from ring_attn_ext._extension import _C
@@ -21,6 +22,9 @@ def test_entry_clamps_the_band_into_the_sequence():
     assert _entry(Sequence(rows, keys, (-100, 100))) == (10, 20, 5, 35, -10, 30)
     assert _entry(Sequence(rows, keys, (3, 5))) == (10, 20, 5, 35, 3, 5)
     assert _entry(Sequence(rows, keys, (40, None))) == (10, 20, 5, 35, 30, 30)
+    # A band wholly below the keys: both ends clamped up to -s_q, the range the kernels are promised.
+    assert _entry(Sequence(rows, keys, (None, -100))) == (10, 20, 5, 35, -10, -10)
+    assert _entry(Sequence(rows, keys, (-100, -50))) == (10, 20, 5, 35, -10, -10)
 
 
 @pytest.mark.parametrize("band, masks", [((None, None), False), ((None, 20), True), ((-9, 29), False),
@@ -51,6 +55,11 @@ def test_disjoint_key_groups_fill_gaps_of_earlier_groups():
     assert _disjoint_key_groups(entries) == [entries]
 
 
+def test_a_launch_fits_the_grid():
+    """The entries of a launch run along the grid's y dimension, which CUDA caps at 65535 blocks."""
+    assert packed_kernels.MAX_ENTRIES == checks.MAX_GRID_YZ == 65535
+
+
 def test_launches_leave_out_empty_sequences_and_split_long_tables(monkeypatch):
     monkeypatch.setattr(packed_kernels, "MAX_ENTRIES", 2)
     packed_kernels._launches.cache_clear()
@@ -79,6 +88,10 @@ def test_launches_of_one_tuple_are_built_once(monkeypatch):
     assert len(built) == 2
     launches(list(sequences), "cpu", disjoint_keys=False)  # a list may change: its entries are rebuilt
     assert len(built) == 4
+    changing = [Sequence(slice(0, 3), slice(0, 3), (None, 0))]
+    launches(changing, "cpu", disjoint_keys=False)
+    changing[0] = Sequence(slice(0, 5), slice(0, 5), (None, None))  # the same list, another packing
+    assert launches(changing, "cpu", disjoint_keys=False)[0].table.tolist() == [[0, 5, 0, 5, -5, 5]]
 
 
 def test_backward_launches_hold_disjoint_keys():

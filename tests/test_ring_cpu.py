@@ -224,6 +224,8 @@ def mismatches_on_rank(rank, world_size):
     for call, field in disagreements:
         message = expect_error(ValueError, "disagree on " + field, call)
         assert "rank 0: " in message and "rank 1: " in message, message
+        if field == "layout":  # each rank's value, decoded
+            assert "rank 0: 'zigzag'" in message and "rank 1: 'stripe'" in message, message
     # The last rank the odd one out: every record is compared, not only the first two.
     last = world_size - 1
     message = expect_error(ValueError, "disagree on softmax_scale", lambda: ring.forward(

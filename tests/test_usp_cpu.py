@@ -14,7 +14,7 @@ from ring_attn_ext import __main__ as main_job
 from ring_attn_ext import ulysses
 from ring_attn_ext import usp_process_groups
 from ring_attn_ext.sharding import shard
-from ring_attn_ext.usp_attention import usp_attn_func
+from ring_attn_ext.usp_attention import heads_kv_repeat, usp_attn_func
 from ring_attn_ext.usp_process_groups import usp_groups
 from ring_workers import RankPool
 from test_ring_cpu import assert_close, expect_error, oracle
@@ -153,6 +153,10 @@ def errors_on_rank(rank, world_size):
     expect_error(ValueError, "must be a multiple" if bad else "rank(s) [3] of the process group rejected",
                  lambda: usp_attn_func(randn(3) if bad else q, randn(3) if bad else kv, randn(3) if bad else kv,
                                        groups=groups))
+    # return_attn_probs is not compared across the ranks: rank 1 alone asking for lse must find the
+    # others in the same exchanges (lse travels back on every call).
+    result = usp_attn_func(q, kv, kv, causal=True, groups=groups, return_attn_probs=rank == 1)
+    assert (result[0] if rank == 1 else result).shape == q.shape
     # The groups still work afterwards.
     out = usp_attn_func(q, kv, kv, causal=True, groups=groups)
     assert out.shape == q.shape and torch.isfinite(out).all()
@@ -188,6 +192,13 @@ def test_usp_groups_inside_a_subgroup(pool):
 @pytest.mark.parametrize("pool", [4], indirect=True)
 def test_usp_errors_raise_on_every_rank(pool):
     assert pool.run(errors_on_rank) == [True] * 4
+
+
+def test_kv_heads_are_replicated_only_as_often_as_needed():
+    """k/v heads fewer than the Ulysses degree: ulysses_degree / heads_kv copies give each rank of a
+    group exactly one k/v head (more would be right too, but move more through the exchanges)."""
+    assert heads_kv_repeat(8, 2, 4) == 2 and heads_kv_repeat(8, 1, 4) == 4
+    assert heads_kv_repeat(8, 4, 4) == 1 and heads_kv_repeat(16, 8, 4) == 1
 
 
 def test_usp_groups_needs_torch_distributed():

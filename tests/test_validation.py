@@ -238,6 +238,8 @@ def test_kernel_compatible_keeps_tensors_the_kernels_can_read():
     assert checks.kernel_compatible(t) is t
     view = torch.randn(2, 5, 3, 4, 64, dtype=torch.bfloat16)[:, :, 1]  # a packed slice: 128-byte offset
     assert checks.kernel_compatible(view) is view
+    # head_dim 8 in bf16: a head stride of 8 elements is 16 bytes, which is enough (bytes count, not elements).
+    assert checks.is_kernel_compatible(torch.randn(1, 3, 2, 8, dtype=torch.bfloat16))
     # Strides of 130 bytes, but every leading size is 1, so no stride is ever stepped over.
     single_row = torch.randn(1, 1, 2, 65, dtype=torch.bfloat16)[:, :, :1, :64]
     assert checks.is_kernel_compatible(single_row)
