@@ -61,10 +61,15 @@ def exact_fp32_matmul():
 
 
 def poison_cuda_allocator():
-    """Fills memory the caching allocator holds free with NaN, so an output element a kernel
-    forgets to write shows up as NaN instead of as a plausible stale value."""
+    """Fills the memory the caching allocator will hand out next with all-ones bytes, NaN in every
+    floating dtype (fp32, fp16 and bf16 alike), so an output element a kernel forgets to write shows
+    up as NaN instead of as a plausible stale value. The cache is emptied first: a free block left
+    over from earlier work (a reference's gradient of the same shape, say) would otherwise be handed
+    out before the poisoned ones."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     sizes = [256 << 20] + [1 << 19] * 16  # one large-pool block to split, and small-pool blocks
-    buffers = [torch.full((size // 4,), float("nan"), device="cuda") for size in sizes]
+    buffers = [torch.full((size,), 255, dtype=torch.uint8, device="cuda") for size in sizes]
     del buffers
     torch.cuda.synchronize()
 

@@ -42,8 +42,10 @@ def first_ring(timeout_s, rank, init_file, seqlen_local=256):
     os.environ["RING_ATTN_TIMEOUT_S"] = str(timeout_s)
     torch.cuda.set_device(rank)
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=WORLD_SIZE)
-    heads, head_dim = 4, _C.supported_head_dims()[0]
-    q, k, v = (torch.randn(1, seqlen_local, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    # A forward kernel this build has (gpu_suite.sh's builds have a subset of the head dims and dtypes).
+    _, head_dim, dtype_name, _ = next(kernel for kernel in _C.compiled_kernels() if kernel[0] == "fwd")
+    heads, dtype = 4, getattr(torch, dtype_name)
+    q, k, v = (torch.randn(1, seqlen_local, heads, head_dim, device="cuda", dtype=dtype) for _ in range(3))
     plan = build_plan("zigzag", rank, WORLD_SIZE, seqlen_local, True)
     ring = (q, k, v, plan, head_dim ** -0.5)
     _ring_cuda.ring_forward_cuda(*ring[:4], None, ring[4])
@@ -73,15 +75,18 @@ def fails(timeout_s, rank, init_file):
         torch.cuda.synchronize()
         print(f"RESULT rank 0: second ring returned after {time.monotonic() - start:.1f} s", flush=True)
         os._exit(0)
-    # No memory beyond what this process holds now: the ring's first buffer cannot be allocated.
+    # No memory beyond what this process holds now, and none of it free: the ring's first buffer
+    # cannot be allocated.
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(rank).total_memory
     torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_reserved(rank) / total, rank)
+    filler = use_up_cached_memory()
     try:
         _ring_cuda.ring_forward_cuda(q, k, v, plan, None, scale)
         print("RESULT rank 1: second ring did not fail", flush=True)
     except RuntimeError as error:
         print(f"RESULT rank 1: second ring raised {type(error).__name__}: {error}".replace("\n", " "), flush=True)
+    del filler
     torch.cuda.set_per_process_memory_fraction(1.0, rank)
     try:
         _ring_cuda.ring_forward_cuda(q, k, v, plan, None, scale)
@@ -91,6 +96,19 @@ def fails(timeout_s, rank, init_file):
         print(f"RESULT rank 1: third ring raised DistBackendError: {error}".replace("\n", " "), flush=True)
     time.sleep(4 * timeout_s + 30)  # alive until the test is done with rank 0
     os._exit(0)
+
+
+def use_up_cached_memory():
+    """Allocates, largest blocks first, until the memory cap refuses: space left free inside the
+    allocator's cached segments would otherwise serve the ring's smaller buffers."""
+    held = []
+    for size in (16 << 20, 1 << 20, 64 << 10, 512):
+        while True:
+            try:
+                held.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+            except torch.OutOfMemoryError:
+                break
+    return held
 
 
 if __name__ == "__main__":

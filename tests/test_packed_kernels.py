@@ -131,9 +131,16 @@ def random_table(seed, entries, padding_rows):
 
 
 def run_varlen(ext, q, k, v, dout, sequences, scale):
+    """The caller's part as varlen.py's callers play it: out 0 and lse -inf in rows of no sequence,
+    and here NaN in the rows the kernels must write (those of entries with queries and keys), so a
+    row they leave unwritten shows."""
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device,
                      dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    for sequence in sequences:
+        if sequence.keys.stop > sequence.keys.start:
+            out[sequence.queries] = float("nan")
+            lse[:, sequence.queries] = float("nan")
     varlen_forward(ext, q, k, v, sequences, scale, out, lse)
     grads = [torch.zeros_like(t) for t in (q, k, v)]
     varlen_backward(ext, dout, q, k, v, out, lse, sequences, scale, *grads)

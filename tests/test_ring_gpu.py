@@ -607,6 +607,11 @@ def _nccl_ring_worker(rank, world_size, init_file, head_dim, dtype):
                 seed += 1
                 _check_nccl_case(rank, make_case(world_size, layout, causal, seqlen_local=130, heads=8, heads_kv=2),
                                  head_dim, dtype, seed)
+            # A sliding window across the ranks' blocks (global positions), causal and not.
+            for window_size in ((50, 0), (40, 70)):
+                seed += 1
+                _check_nccl_case(rank, make_case(world_size, layout, window_size == (50, 0), window_size,
+                                                 seqlen_local=130, heads=8, heads_kv=2), head_dim, dtype, seed)
         _check_nccl_graph_replay(rank, world_size, head_dim, dtype)
 
 
@@ -638,7 +643,7 @@ def _check_nccl_case(rank, case, head_dim, dtype, seed):
     def select(t, dim=1):
         return shard(t, case.layout, rank, n, dim=dim)
 
-    what = f"rank {rank}, {case.layout}, causal={case.causal}"
+    what = f"rank {rank}, {case.layout}, causal={case.causal}, window_size={case.window_size}"
     try:
         assert_matches_full_attention(full, out, lse, grads, dtype, select)
     except AssertionError as error:

@@ -127,7 +127,9 @@ def test_a_ring_that_fails_on_one_rank_aborts_its_communicator():
     # ...and its next call does not pair with rank 0's stale transfers: the communicator is gone.
     assert "RESULT rank 1: third ring raised DistBackendError" in out_1, report
     assert "an earlier ring call failed on this rank" in out_1, report
-    # Rank 0, whose ring can never finish, is ended by its watchdog rather than left hanging or
-    # handed results.
+    # Rank 0, whose ring can never finish, is not left hanging or handed results: its watchdog ends
+    # it, or, if NCCL learns of the abort while rank 0 still enqueues, the enqueue raises.
     assert "second ring returned" not in out, report
-    assert returncode == -signal.SIGABRT and "Ending this process" in err, report
+    aborted = returncode == -signal.SIGABRT and "Ending this process" in err
+    raised = returncode != 0 and "DistBackendError" in err
+    assert aborted or raised, report
