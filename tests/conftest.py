@@ -165,6 +165,15 @@ def assert_flash_rule(actual, reference, same_dtype, factor, name, eps=1e-6):
     assert error <= bound, f"{name}: max error {error:.3g} > {factor} x same-dtype error {baseline:.3g} + eps"
 
 
+def assert_rounded_once(name, actual, exact):
+    """For the CPU paths, which keep every partial result in fp32 and round once at the end: the
+    error against the exact result is at most twice that of rounding the exact result to actual's
+    dtype (a partial result rounded to a 16-bit dtype on the way roughly doubles it)."""
+    error = max_error(actual, exact)
+    rounding = max_error(exact.to(actual.dtype), exact)
+    assert error <= 2 * rounding, f"{name}: max error {error:.3g} > 2 x rounding error {rounding:.3g}"
+
+
 def assert_lse_equal(actual, reference, atol, name="lse"):
     """lse with -inf rows: the -inf pattern must match exactly, finite values within atol."""
     assert actual.dtype == torch.float32, f"{name}: dtype {actual.dtype}, want float32"

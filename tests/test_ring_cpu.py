@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import global_mask
+from conftest import assert_rounded_once, global_mask
 from ring_attn_ext import __main__ as main_job
 from ring_attn_ext import checks, group_checks, ring
 from ring_attn_ext import ring_flash_attn as rfa
@@ -328,14 +328,6 @@ def test_drop_in_return_values_and_flags():
     assert out_bf16.dtype == torch.bfloat16
     rounded = (t.bfloat16().double() for t in (q, k, v))
     assert_rounded_once("bf16 out", out_bf16, oracle(*rounded, True, (-1, -1), None)[0])
-
-
-def assert_rounded_once(name, actual, exact):
-    """The CPU path keeps every partial result in fp32 and rounds once at the end, so its error
-    against the exact result stays near that of rounding the exact result to actual's dtype."""
-    error = (actual.double() - exact).abs().max().item()
-    rounding = (exact.to(actual.dtype).double() - exact).abs().max().item()
-    assert error <= 2 * rounding, f"{name}: max error {error:.3g} > 2 x rounding error {rounding:.3g}"
 
 
 def test_bf16_ring_on_cpu_rounds_once():

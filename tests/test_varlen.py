@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import (GRADIENT_EPS, assert_flash_rule, assert_lse_equal, packed_attention,
+from conftest import (GRADIENT_EPS, assert_flash_rule, assert_lse_equal, assert_rounded_once, packed_attention,
                       packed_attention_with_grads, poison_cuda_allocator, requires_cuda_extension, skip_unless_built,
                       varlen_mask)
 from ring_attn_ext import flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func
@@ -125,9 +125,7 @@ def test_bf16_on_cpu_rounds_once():
         out = flash_attn_varlen_func(*leaves, cu, cu, 59, 59, causal=True)
         results[dtype] = (out, *torch.autograd.grad(out, leaves, dout.to(torch.bfloat16).to(dtype)))
     for name, actual, exact in zip(("out", "dq", "dk", "dv"), results[torch.bfloat16], results[torch.float64]):
-        error = (actual.double() - exact).abs().max().item()
-        rounding = (exact.to(torch.bfloat16).double() - exact).abs().max().item()
-        assert error <= 2 * rounding, f"{name}: max error {error:.3g} > 2 x rounding error {rounding:.3g}"
+        assert_rounded_once(name, actual, exact)
 
 
 def test_varlen_checks_cu_seqlens_again_after_in_place_change():
