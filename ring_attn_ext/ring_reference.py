@@ -54,8 +54,7 @@ def ring_backward_reference(dout, q, k, v, out, lse, plan, group, softmax_scale)
     world_size = len(plan)
     neighbours = _Neighbours(group, world_size)
     accum = accumulation_dtype(q.dtype)
-    # delta = rowsum(dout * out) is the same for every piece: computed once, (b, h, s).
-    delta = (dout.to(accum) * out.to(accum)).sum(-1).transpose(1, 2)
+    delta = row_delta(dout, out, accum)  # the same for every piece: computed once
     lse = lse.to(accum)
     dq = torch.zeros(q.shape, dtype=accum, device=q.device)
     own_dk = torch.zeros(k.shape, dtype=accum, device=k.device)
@@ -124,6 +123,12 @@ def piece_forward(q, k, v, softmax_scale, key_offset_min, key_offset_max, accum)
     probs = torch.exp(scores - _finite_or_zero(lse)[..., None])
     out = torch.einsum("bhqk,bkhd->bqhd", probs, _expand_heads(v, q.shape[2]).to(accum))
     return out, lse
+
+
+def row_delta(dout, out, accum):
+    """delta = rowsum(dout * out), (b, h, s) in `accum`, of (b, s, h, d) tensors: the term of the
+    backward that needs the whole row's output."""
+    return (dout.to(accum) * out.to(accum)).sum(-1).transpose(1, 2)
 
 
 def piece_backward(dout, q, k, v, lse, delta, softmax_scale, key_offset_min, key_offset_max, accum):

@@ -23,7 +23,7 @@ from . import checks
 from .flash_attn_interface import prepare_for_kernels
 from .packed_kernels import packed_backward, packed_forward
 from .packing import KV_PACKED, QKV_PACKED, SEPARATE, pack, unpack
-from .ring_reference import accumulation_dtype, piece_backward, piece_forward
+from .ring_reference import accumulation_dtype, piece_backward, piece_forward, row_delta
 
 
 # How each packing names q, k and v (views along dimension 1) in error messages.
@@ -164,10 +164,10 @@ def varlen_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, 
         if rows.stop == rows.start or keys.stop == keys.start:
             continue
         seq_dout = _one(dout, rows)
-        delta = (seq_dout.to(accum) * _one(out, rows).to(accum)).sum(-1).transpose(1, 2)
         # Unrounded: the caller's fp32 dK/dV (gathered_kv.py) add sequences and ranks before any rounding.
         grads = piece_backward(seq_dout, _one(q, rows), _one(k, keys), _one(v, keys),
-                               lse[:, rows].unsqueeze(0).to(accum), delta, softmax_scale, *sequence.band, accum)
+                               lse[:, rows].unsqueeze(0).to(accum), row_delta(seq_dout, _one(out, rows), accum),
+                               softmax_scale, *sequence.band, accum)
         for destination, grad, span in zip((dq, dk, dv), grads, (rows, keys, keys)):
             destination[span] += grad[0]
 
