@@ -33,7 +33,7 @@ from . import checks, ring
 from .gathered_kv import GatheredKVFunction
 from .group_checks import validate_together
 from .llama3_attention import check_call as llama3_check_call
-from .llama3_attention import llama3_flash_attn_prepare_cu_seqlens
+from .llama3_attention import prepare_from_bounds
 from .packing import SEPARATE
 from .ring import resolve_group
 from .ring_flash_attn import RingAttentionFunction
@@ -66,10 +66,10 @@ def update_ring_flash_attn_params(cu_seqlens, process_group=None):
     same values on every rank (the attention layers check that they are); its last entry must be a
     multiple of the group's size, each rank holding an equal contiguous chunk of the stream."""
     ring_group = resolve_group(process_group)
-    prepared = {causal: llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, ring_group.rank,
-                                                             ring_group.world_size)
+    bounds = check_cu_seqlens(cu_seqlens, "cu_seqlens", None)  # read from the device once
+    prepared = {causal: prepare_from_bounds(bounds, cu_seqlens.dtype, cu_seqlens.device, causal, ring_group.rank,
+                                            ring_group.world_size)
                 for causal in (True, False)}
-    bounds = check_cu_seqlens(cu_seqlens, "cu_seqlens", None)
     _PACKINGS[_group_key(process_group)] = _Packing(zlib.crc32(str(bounds).encode()),
                                                     bounds[-1] // ring_group.world_size, prepared)
 

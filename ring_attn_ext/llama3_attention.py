@@ -40,7 +40,13 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size) with world_size >= 1, got rank {rank}, world_size "
                          f"{world_size}")
-    bounds = check_cu_seqlens(cu_seqlens, "cu_seqlens", None)
+    return prepare_from_bounds(check_cu_seqlens(cu_seqlens, "cu_seqlens", None), cu_seqlens.dtype,
+                               cu_seqlens.device, causal, rank, world_size)
+
+
+def prepare_from_bounds(bounds, dtype, device, causal, rank, world_size):
+    """llama3_flash_attn_prepare_cu_seqlens on boundaries already read and checked (a tuple from
+    check_cu_seqlens), its tensors made with `dtype` on `device`."""
     total = bounds[-1]
     if total == 0 or total % world_size != 0:
         raise ValueError(f"the packed stream's length (cu_seqlens[-1] = {total}) must be a positive multiple of "
@@ -57,7 +63,7 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
 
     def tensor(values):
-        made = torch.tensor(values, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+        made = torch.tensor(values, dtype=dtype, device=device)
         remember_bounds(made, values)  # every layer's call then reads nothing back from the device
         return made
 
