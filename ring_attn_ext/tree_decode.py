@@ -42,7 +42,7 @@ def tree_attn_decode(q, k, v, *, group=None, softmax_scale=None, causal=False, q
         scale = checks.check_softmax_scale(softmax_scale, shape.head_dim)
         checks.check_flag(causal, "causal")
         checks.check_flag(return_lse, "return_lse")
-        key_offset_max = _key_offset_max(causal, q_start, k_start)
+        key_offset_max = _key_offset_max(causal, q_start, k_start, shape)
         if checks.needs_autograd((q, k, v)):
             raise NotImplementedError("tree_attn_decode is forward only (inference): call it under torch.no_grad() "
                                       "or on tensors that do not require grad")
@@ -63,8 +63,10 @@ def tree_attn_decode(q, k, v, *, group=None, softmax_scale=None, causal=False, q
     return (out, lse) if return_lse else out
 
 
-def _key_offset_max(causal, q_start, k_start):
-    """The kernel band's upper edge j - i <= q_start - k_start for causal decoding, else None."""
+def _key_offset_max(causal, q_start, k_start, shape):
+    """The kernel band's upper edge j - i <= q_start - k_start for causal decoding, else None;
+    clamped into [-s_q, s_k], past which it hides no other key, so that a far-off k_start (which the
+    ranks need not agree on) cannot overflow on one rank alone."""
     if not causal:
         if q_start is not None or k_start is not None:
             raise ValueError("q_start and k_start place queries and keys for causal=True; pass them only with "
@@ -75,7 +77,7 @@ def _key_offset_max(causal, q_start, k_start):
             raise ValueError(f"causal decoding needs {name}, the global position of the first "
                              f"{'query' if name == 'q_start' else 'key of this rank'}, as a non-negative int; "
                              f"got {value!r}")
-    return int(q_start) - int(k_start)
+    return min(max(int(q_start) - int(k_start), -shape.seqlen_q), shape.seqlen_k)
 
 
 def _local_attention(q, k, v, scale, key_offset_max):

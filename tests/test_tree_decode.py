@@ -111,6 +111,9 @@ def errors_on_rank(rank, world_size):
     # Cache parts of different lengths are no disagreement.
     out = tree_attn_decode(q, k[:, :rank + 1], k[:, :rank + 1])
     assert torch.isfinite(out).all()
+    # k_start is this rank's own: one far past int64 on rank 1 hides its keys, and raises nowhere.
+    far = tree_attn_decode(q, k, k, causal=True, q_start=3, k_start=2**70 if odd else 0)
+    torch.testing.assert_close(far, tree_attn_decode(q, k, k, causal=True, q_start=3, k_start=10**6 if odd else 0))
     return True
 
 
