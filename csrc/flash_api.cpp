@@ -20,6 +20,8 @@ namespace {
 
 // The kernels move 16 bytes per thread, so rows must start on 16-byte boundaries.
 constexpr int64_t kAlignmentBytes = 16;
+// CUDA's limit on a grid's y and z dimensions.
+constexpr int64_t kMaxGridYZ = 65535;
 
 DType to_dtype(const at::Tensor& t, const char* name) {
     if (t.scalar_type() == at::kHalf) return DType::kFloat16;
@@ -69,8 +71,12 @@ Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
     Dims d{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
            static_cast<int>(q.size(2)), static_cast<int>(k.size(2)), static_cast<int>(q.size(3))};
     RA_CHECK_VALUE(d.batch > 0, "batch size must be positive, got ", d.batch);
+    RA_CHECK_VALUE(d.heads > 0, "q must have at least one head, got shape ", q.sizes());
     RA_CHECK_VALUE(d.heads_kv > 0 && d.heads % d.heads_kv == 0, "the number of heads in k and v (", d.heads_kv,
                       ") must divide the number of heads in q (", d.heads, ")");
+    // Batch entries and heads run along gridDim.y and gridDim.z.
+    RA_CHECK_VALUE(d.batch <= kMaxGridYZ && d.heads <= kMaxGridYZ, "batch (", d.batch, ") and heads of q (",
+                   d.heads, ") must each be at most ", kMaxGridYZ);
     check_shape(k, "k", {d.batch, d.seqlen_k, d.heads_kv, d.head_dim});
     check_shape(v, "v", {d.batch, d.seqlen_k, d.heads_kv, d.head_dim});
     return d;
@@ -242,6 +248,17 @@ void set_dq_accum(BwdParams& p, const at::Tensor& dq_accum) {
     p.dq_head_stride = dq_accum.stride(2);
 }
 
+// The Hopper kernels add dQ through the TMA, which needs 16-byte aligned rows; an accumulator
+// without them gets a zeroed aligned temporary instead (returned; undefined when not needed), whose
+// sum the caller adds to it after the launch.
+at::Tensor set_dq_accum_or_staging(BwdParams& p, const at::Tensor& dq_accum) {
+    set_dq_accum(p, dq_accum);
+    if (dq_accum_tma_aligned(p)) return {};
+    at::Tensor staging = at::zeros(dq_accum.sizes(), dq_accum.options());
+    set_dq_accum(p, staging);
+    return staging;
+}
+
 // dk/dv strides of either destination (fp32 accumulators or dtype outputs).
 void set_dkv_strides(BwdParams& p, const at::Tensor& dk, const at::Tensor& dv) {
     p.dk_batch_stride = dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
@@ -319,14 +336,7 @@ void flash_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, const at:
     }
     c10::cuda::CUDAGuard guard(q.device());
     BwdParams p = make_bwd_params(dout, q, k, v, lse, delta, d, softmax_scale, band);
-    set_dq_accum(p, dq_accum);
-    // The Hopper kernels add dQ through the TMA, which needs 16-byte aligned rows; an accumulator
-    // without them receives its sum through an aligned temporary instead.
-    at::Tensor dq_staging;
-    if (!dq_accum_tma_aligned(p)) {
-        dq_staging = at::zeros(dq_accum.sizes(), dq_accum.options());
-        set_dq_accum(p, dq_staging);
-    }
+    const at::Tensor dq_staging = set_dq_accum_or_staging(p, dq_accum);
     p.dk_accum = dk_accum.data_ptr<float>();
     p.dv_accum = dv_accum.data_ptr<float>();
     p.dkv_overwrite = dkv_overwrite;
@@ -401,8 +411,12 @@ Dims check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     RA_CHECK_VALUE(sequences.dim() == 2 && sequences.size(1) == 6 && sequences.is_contiguous(),
                    "sequences must be a contiguous (n, 6) table, got shape ", sequences.sizes());
     // The entries run along gridDim.y.
-    RA_CHECK_VALUE(sequences.size(0) <= 65535, "a varlen launch takes at most 65535 sequences, got ",
-                   sequences.size(0));
+    RA_CHECK_VALUE(sequences.size(0) <= kMaxGridYZ, "a varlen launch takes at most ", kMaxGridYZ,
+                   " sequences, got ", sequences.size(0));
+    // The grid's x dimension counts blocks of max_seqlen_q rows; a launch with entries needs some.
+    RA_CHECK_VALUE(sequences.size(0) == 0 || (max_seqlen_q >= 1 && max_seqlen_k >= 1),
+                   "max_seqlen_q and max_seqlen_k must be at least 1 when sequences has entries, got ",
+                   max_seqlen_q, " and ", max_seqlen_k);
     RA_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_q <= d.seqlen_q, "max_seqlen_q (", max_seqlen_q,
                    ") must lie in [0, total_q = ", d.seqlen_q, "]");
     RA_CHECK_VALUE(max_seqlen_k >= 0 && max_seqlen_k <= d.seqlen_k, "max_seqlen_k (", max_seqlen_k,
@@ -464,7 +478,7 @@ void flash_varlen_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, co
         check_fp32(*t, name, q);
         check_shape(*t, name, like->sizes());
     }
-    // The TMA adds dQ into 16-byte aligned rows; a fresh accumulator has them.
+    // One dQ descriptor spans every packed row, so its rows must follow each other.
     RA_CHECK_VALUE(dq_accum.is_contiguous(), "dq_accum must be contiguous");
     const MaskBand kind{0, 0, is_masked};
     BwdLauncher launcher = bwd_launcher_for(q, d, kind);
@@ -472,7 +486,7 @@ void flash_varlen_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, co
     c10::cuda::CUDAGuard guard(q.device());
     BwdParams p = make_bwd_params(dout.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                   lse.unsqueeze(0), delta.unsqueeze(0), d, softmax_scale, kind);
-    set_dq_accum(p, dq_accum.unsqueeze(0));
+    const at::Tensor dq_staging = set_dq_accum_or_staging(p, dq_accum.unsqueeze(0));
     p.dk_accum = dk_accum.data_ptr<float>();
     p.dv_accum = dv_accum.data_ptr<float>();
     set_dkv_strides(p, dk_accum.unsqueeze(0), dv_accum.unsqueeze(0));
@@ -480,6 +494,7 @@ void flash_varlen_bwd_accumulate(const at::Tensor& dout, const at::Tensor& q, co
     set_varlen(p, sequences, max_seqlen_q, max_seqlen_k, is_masked);
     launcher(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (dq_staging.defined()) dq_accum.add_(dq_staging.squeeze(0));
 }
 
 std::vector<int64_t> supported_head_dims() {

@@ -13,7 +13,8 @@ packed sequences, two for the zigzag layout's two query runs per sequence. A lau
 65535 entries (the grid's y dimension).
 
 Tables are cached per packing (LRU), so the attention layers of a step build and copy theirs to
-the device once.
+the device once. The cache may drop a table while a kernel queued on another stream than the one
+that made it has yet to read it, so each use is recorded with the allocator (_read_on_current_stream).
 """
 import bisect
 import collections
@@ -107,9 +108,17 @@ def launches(sequences, device, disjoint_keys):
     return result
 
 
+def _read_on_current_stream(launch):
+    """Tells the caching allocator that the current stream reads the launch's table, so that freeing
+    it (cache eviction) cannot hand its memory to the stream that made it before this read ran. A
+    no-op on the stream that made it."""
+    launch.table.record_stream(torch.cuda.current_stream(launch.table.device))
+    return launch
+
+
 def packed_forward(ext, q, k, v, sequences, softmax_scale, out, lse):
     """Writes every sequence's rows of out (total_q, h, d) and lse (h, total_q)."""
-    for launch in launches(sequences, q.device, disjoint_keys=False):
+    for launch in map(_read_on_current_stream, launches(sequences, q.device, disjoint_keys=False)):
         ext.varlen_fwd(q, k, v, out, lse, launch.table, launch.max_seqlen_q, launch.max_seqlen_k, softmax_scale,
                        launch.is_masked)
 
@@ -123,7 +132,7 @@ def packed_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, 
     delta = ext.bwd_delta(dout.unsqueeze(0), out.unsqueeze(0), dq_accum.unsqueeze(0))[0]
     dk_accum, dv_accum = (t if t.dtype == torch.float32 else torch.zeros(t.shape, dtype=torch.float32,
                                                                          device=t.device) for t in (dk, dv))
-    for launch in launches(sequences, q.device, disjoint_keys=True):
+    for launch in map(_read_on_current_stream, launches(sequences, q.device, disjoint_keys=True)):
         ext.varlen_bwd_accumulate(dout, q, k, v, lse, delta, dq_accum, dk_accum, dv_accum, launch.table,
                                   launch.max_seqlen_q, launch.max_seqlen_k, softmax_scale, launch.is_masked)
     dq.add_(dq_accum)

@@ -22,6 +22,15 @@ CASES = {
     "float32 inputs": ("_C.fwd(q.float(), q.float(), q.float(), 1.0, None, None)", "TypeError",
                        "must be float16 or bfloat16"),
     "bad softmax_scale": ("_C.fwd(q, q, q, -1.0, None, None)", "ValueError", "softmax_scale must be"),
+    "no query heads": ("_C.fwd(q[:, :, :0], q, q, 1.0, None, None)", "ValueError", "at least one head"),
+    # Heads run along the grid's z dimension, which CUDA caps at 65535 blocks.
+    "too many heads": ("w = torch.zeros(1, 1, 65536, d, device='cuda', dtype=q.dtype); "
+                       "_C.fwd(w, w[:, :, :1], w[:, :, :1], 1.0, None, None)", "ValueError",
+                       "must each be at most 65535"),
+    # A varlen launch whose grid would have no blocks along x.
+    "varlen max_seqlen 0": ("_C.varlen_fwd(q[0], q[0], q[0], torch.zeros_like(q[0]), torch.zeros(2, 8, device='cuda'), "
+                            "torch.tensor([[0, 8, 0, 8, -8, 8]], dtype=torch.int32, device='cuda'), 0, 0, 1.0, False)",
+                            "ValueError", "must be at least 1 when sequences has entries"),
     "wrong accumulator dtype": ("_C.fwd_merge(q, q, q, q, torch.zeros(1, 2, 8, device='cuda'), 1.0, None, None)",
                                 "TypeError", "out_accum must be float32"),
 }

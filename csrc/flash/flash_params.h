@@ -11,7 +11,7 @@ namespace ring_attn {
 //     key_offset_min <= j - i <= key_offset_max   (and 0 <= j < seqlen_k).
 // Full attention, bottom-right causal, sliding windows and the ring's per-step masks (including
 // "causal excluding the diagonal") are all one band. The host clamps both ends into
-// [-seqlen_q - 1, seqlen_k + 1] so kernel index arithmetic cannot overflow int32, and sets
+// [-seqlen_q, seqlen_k] so kernel index arithmetic cannot overflow int32, and sets
 // `is_masked` to false when the band covers every (i, j) pair so the kernel skips mask code.
 struct MaskBand {
     int key_offset_min;
