@@ -176,44 +176,6 @@ def test_one_launch_matches_the_per_sequence_reference(head_dim, dtype, seed, en
 
 
 @requires_cuda_extension
-def test_a_table_dropped_while_another_stream_has_yet_to_read_it_keeps_its_memory():
-    """A table made on the default stream, read by a kernel queued on a side stream behind a sleep,
-    then dropped from the caches: the default stream's next allocations must not take (and zero) its
-    memory before that kernel read it, or the kernel sees no sequences and leaves out as it was."""
-    skip_unless_built(64, torch.bfloat16)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()  # few free small blocks, so the fillers below reach the table's soon
-    packed_kernels._launches.cache_clear()
-    packed_kernels._BY_IDENTITY.clear()
-    sequences = (Sequence(slice(0, 70), slice(0, 90), (None, None)),
-                 Sequence(slice(70, 200), slice(90, 200), (None, 0)))
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(200, 2, 64, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(3))
-
-    def forward():
-        out, lse = torch.zeros_like(q), torch.full((2, 200), float("-inf"), device="cuda")
-        packed_kernels.packed_forward(_C, q, k, v, sequences, 0.125, out, lse)
-        return out
-
-    expected = forward()  # makes the table on the default stream
-    table_ptr = launches(sequences, q.device, disjoint_keys=False)[0].table.data_ptr()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(1_000_000_000)  # about half a second: the read below waits behind it
-        late = forward()
-    packed_kernels._launches.cache_clear()
-    packed_kernels._BY_IDENTITY.clear()  # the last reference to the table goes
-    fillers = []
-    for _ in range(50_000):  # the default stream does not wait for the side stream
-        fillers.append(torch.zeros(128, dtype=torch.int32, device="cuda"))
-        if fillers[-1].data_ptr() <= table_ptr < fillers[-1].data_ptr() + 512:
-            break
-    torch.cuda.synchronize()
-    assert late.abs().sum() > 0 and torch.equal(late, expected)
-
-
-@requires_cuda_extension
 def test_packed_backward_adds_into_an_unaligned_dq_accumulator():
     """The Hopper kernels add dQ through the TMA, which needs rows that start 16-byte aligned: an
     accumulator that starts 4 bytes off must receive the same sum (through an aligned temporary)."""
