@@ -36,3 +36,10 @@ def band_at_shift(shift, causal=False, window_size=(-1, -1)):
     key_offset_min = None if left < 0 else shift - left
     key_offset_max = None if right < 0 else shift + right
     return key_offset_min, key_offset_max
+
+
+def clamp_key_offset(offset, seqlen_q, seqlen_k):
+    """A band edge clamped into [-s_q, s_k]: j - i only ranges over [-(s_q - 1), s_k - 1], so the
+    clamp hides or shows no other key, and keeps the kernels' int32 arithmetic in range whatever
+    the caller passed (the C++ API clamps a plain call's band the same way)."""
+    return min(max(offset, -seqlen_q), seqlen_k)

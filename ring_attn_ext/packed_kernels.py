@@ -24,6 +24,7 @@ import typing
 import torch
 
 from . import checks
+from .masks import clamp_key_offset
 
 MAX_ENTRIES = 65535
 
@@ -40,8 +41,8 @@ def _entry(sequence):
     rows, keys = sequence.queries, sequence.keys
     s_q, s_k = rows.stop - rows.start, keys.stop - keys.start
     lo, hi = sequence.band
-    lo = -s_q if lo is None else min(max(lo, -s_q), s_k)
-    hi = s_k if hi is None else min(max(hi, -s_q), s_k)
+    lo = -s_q if lo is None else clamp_key_offset(lo, s_q, s_k)
+    hi = s_k if hi is None else clamp_key_offset(hi, s_q, s_k)
     return rows.start, rows.stop, keys.start, keys.stop, lo, hi
 
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from . import checks
 from .group_checks import Signature, check_cpu_backend, validate_together
+from .masks import clamp_key_offset
 from .ring import resolve_group
 from .ring_reference import accumulation_dtype, piece_forward
 
@@ -65,8 +66,8 @@ def tree_attn_decode(q, k, v, *, group=None, softmax_scale=None, causal=False, q
 
 def _key_offset_max(causal, q_start, k_start, shape):
     """The kernel band's upper edge j - i <= q_start - k_start for causal decoding, else None;
-    clamped into [-s_q, s_k], past which it hides no other key, so that a far-off k_start (which the
-    ranks need not agree on) cannot overflow on one rank alone."""
+    clamped (masks.clamp_key_offset), so that a far-off k_start (which the ranks need not agree on)
+    cannot overflow on one rank alone."""
     if not causal:
         if q_start is not None or k_start is not None:
             raise ValueError("q_start and k_start place queries and keys for causal=True; pass them only with "
@@ -77,7 +78,7 @@ def _key_offset_max(causal, q_start, k_start, shape):
             raise ValueError(f"causal decoding needs {name}, the global position of the first "
                              f"{'query' if name == 'q_start' else 'key of this rank'}, as a non-negative int; "
                              f"got {value!r}")
-    return min(max(int(q_start) - int(k_start), -shape.seqlen_q), shape.seqlen_k)
+    return clamp_key_offset(int(q_start) - int(k_start), shape.seqlen_q, shape.seqlen_k)
 
 
 def _local_attention(q, k, v, scale, key_offset_max):
