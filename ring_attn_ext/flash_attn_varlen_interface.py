@@ -68,6 +68,8 @@ _COMMON_DOC = """
       They are read on the host on every call (one device-to-host copy each, one in all when they
       are the same tensor): our kernels launch from a table of the sequences. The last entry may
       stop short of the packed tensor's rows: rows after it belong to no sequence and give out 0.
+      To capture a call in a CUDA graph, pass them on the host and run the same packing once
+      uncaptured first: that call puts the packing's sequence table on the device.
     max_seqlen_q / max_seqlen_k: ints no smaller than the longest sequence (a smaller one raises).
     Other arguments as in flash_attn_func: dropout_p must be 0.0, softcap 0.0, alibi_slopes None;
     deterministic=True raises on CUDA; causal and window_size apply within each sequence, aligned

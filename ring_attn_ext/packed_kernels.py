@@ -14,7 +14,10 @@ packed sequences, two for the zigzag layout's two query runs per sequence. A lau
 
 Tables are cached per packing (LRU), so the attention layers of a step build and copy theirs to
 the device once. The cache may drop a table while a kernel queued on another stream than the one
-that made it has yet to read it, so each use is recorded with the allocator (_read_on_current_stream).
+that made it has yet to read it, so each use is recorded with the allocator; and a table read under
+CUDA graph capture is kept for good, since the graph reads it again on every replay
+(_hold_for_current_stream). Capture finds its tables in the cache: a packing must have run once,
+uncaptured, before (the warm-up that torch.cuda.graph asks for anyway).
 """
 import bisect
 import collections
@@ -69,8 +72,20 @@ def _disjoint_key_groups(entries):
     return [members for _, _, members in groups]
 
 
+def _is_capturing(device):
+    """Whether the current stream of `device` is being captured into a CUDA graph."""
+    if device.type != "cuda":  # the tables of the CPU tests
+        return False
+    with torch.cuda.device(device):  # torch 2.11's Stream has no is_capturing
+        return torch.cuda.is_current_stream_capturing()
+
+
 @functools.lru_cache(maxsize=64)
 def _launches(entries, device, disjoint_keys):
+    if _is_capturing(device):  # copying the tables in would wait for the stream, which capture forbids
+        raise RuntimeError("varlen attention under CUDA graph capture needs its packing's sequence tables on the "
+                           "device already: run it once uncaptured with the same cu_seqlens (and causal and "
+                           "window_size) before capturing, as a warm-up")
     groups = _disjoint_key_groups(entries) if disjoint_keys else [list(entries)]
     result = []
     for group in groups:
@@ -109,17 +124,25 @@ def launches(sequences, device, disjoint_keys):
     return result
 
 
-def _read_on_current_stream(launch):
+# Tables read by captured CUDA graphs, by id: a replay reads a table long after the cache may have
+# dropped it, and nothing tells when the graph itself is gone.
+_KEPT_FOR_GRAPHS = {}
+
+
+def _hold_for_current_stream(launch):
     """Tells the caching allocator that the current stream reads the launch's table, so that freeing
-    it (cache eviction) cannot hand its memory to the stream that made it before this read ran. A
-    no-op on the stream that made it."""
-    launch.table.record_stream(torch.cuda.current_stream(launch.table.device))
+    it (cache eviction) cannot hand its memory to the stream that made it before this read ran (a
+    no-op on the stream that made it). Under graph capture the table is kept for the process's life."""
+    device = launch.table.device
+    launch.table.record_stream(torch.cuda.current_stream(device))
+    if _is_capturing(device):
+        _KEPT_FOR_GRAPHS[id(launch.table)] = launch.table
     return launch
 
 
 def packed_forward(ext, q, k, v, sequences, softmax_scale, out, lse):
     """Writes every sequence's rows of out (total_q, h, d) and lse (h, total_q)."""
-    for launch in map(_read_on_current_stream, launches(sequences, q.device, disjoint_keys=False)):
+    for launch in map(_hold_for_current_stream, launches(sequences, q.device, disjoint_keys=False)):
         ext.varlen_fwd(q, k, v, out, lse, launch.table, launch.max_seqlen_q, launch.max_seqlen_k, softmax_scale,
                        launch.is_masked)
 
@@ -133,7 +156,7 @@ def packed_backward(ext, dout, q, k, v, out, lse, sequences, softmax_scale, dq, 
     delta = ext.bwd_delta(dout.unsqueeze(0), out.unsqueeze(0), dq_accum.unsqueeze(0))[0]
     dk_accum, dv_accum = (t if t.dtype == torch.float32 else torch.zeros(t.shape, dtype=torch.float32,
                                                                          device=t.device) for t in (dk, dv))
-    for launch in map(_read_on_current_stream, launches(sequences, q.device, disjoint_keys=True)):
+    for launch in map(_hold_for_current_stream, launches(sequences, q.device, disjoint_keys=True)):
         ext.varlen_bwd_accumulate(dout, q, k, v, lse, delta, dq_accum, dk_accum, dv_accum, launch.table,
                                   launch.max_seqlen_q, launch.max_seqlen_k, softmax_scale, launch.is_masked)
     dq.add_(dq_accum)

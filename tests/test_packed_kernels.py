@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ring_attn_ext.packed_kernels as packed_kernels
-from ring_attn_ext import checks
+from ring_attn_ext import checks, flash_attn_varlen_func
 from conftest import (GRADIENT_EPS, assert_flash_rule, poison_cuda_allocator, requires_cuda_extension,
                       skip_unless_built)
 from ring_attn_ext._extension import _C
@@ -202,3 +202,52 @@ def test_packed_backward_adds_into_an_unaligned_dq_accumulator():
     assert unaligned.data_ptr() % 16 == 4 and unaligned.is_contiguous()
     assert (aligned - 1).abs().amax() > 0.1  # the gradient arrived
     torch.testing.assert_close(unaligned, aligned, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda_extension
+def test_a_captured_graph_keeps_its_tables_after_the_cache_drops_them():
+    """A CUDA graph replays its kernels with the addresses of the tables they read at capture. The
+    tables' caches may drop them later (other packings push them out); the graph must still read
+    what it captured, not whatever the allocator put in that memory since (zeros here: entries
+    without rows, so a replay reading them would write no row of out beyond its zero fill)."""
+    skip_unless_built(64, torch.bfloat16)
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 100, 130, 300], dtype=torch.int32)  # on the host: read without a sync
+
+    def run():
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, 170, 170, causal=True)
+
+    expected = run()  # also the warm-up that puts the packing's tables in the cache
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_out = run()
+    packed_kernels._launches.cache_clear()
+    packed_kernels._BY_IDENTITY.clear()
+    torch.cuda.synchronize()
+    # 2 MB of the tables' 512-byte block size: every small block the cache freed, the tables' included.
+    reused = [torch.zeros(128, dtype=torch.int32, device="cuda") for _ in range(4096)]
+    captured_out.fill_(float("nan"))  # capture ran nothing: the replay alone must write it
+    graph.replay()
+    torch.cuda.synchronize()
+    del reused  # kept through the replay
+    assert torch.equal(captured_out, expected)
+
+
+@requires_cuda_extension
+def test_capturing_a_packing_never_run_uncaptured_raises_by_name():
+    """Its tables would have to be copied to the device from pageable host memory, which capture
+    forbids; PyTorch's own error would advise pinning that memory, which the caller cannot do. The
+    message says what to do instead."""
+    skip_unless_built(64, torch.bfloat16)
+    packed_kernels._launches.cache_clear()
+    packed_kernels._BY_IDENTITY.clear()
+    q, k, v = (torch.randn(201, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 77, 201], dtype=torch.int32)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="run it once uncaptured with the same cu_seqlens"):
+        with torch.cuda.graph(graph):
+            flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, 124, 124)
+    # The capture ended cleanly: the same call, uncaptured, runs.
+    assert torch.isfinite(flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, 124, 124)).all()
