@@ -3,7 +3,8 @@
 //
 // Per CTA: one key block (kBlockN rows of K and V, resident in shared memory) against a sequence of
 // query blocks (kBlockM rows of Q and dO, streamed through kStages buffers). Five products per query
-// block, all with SM80 mma.sync m16n8k16 (fp32 accumulate):
+// block, all with SM80 mma.sync m16n8k16 (fp32 accumulate; on Hopper, d 64 and 128 issue them as
+// wgmma instead, bwd_gmma_traits.h):
 //   S  = Q  K^T   (kBlockM x kBlockN)          dP = dO V^T  (kBlockM x kBlockN)
 //   dV += P^T dO  (kBlockN x kHeadDim)         dK += dS^T Q (kBlockN x kHeadDim)
 //   dQ  = dS K    (kBlockM x kHeadDim), added to global memory with fp32 atomics or, when kStageDq,
@@ -15,6 +16,16 @@
 #include <cutlass/numeric_types.h>
 
 namespace ring_attn {
+
+// The (cols, rows) view of a (rows, cols) shared-memory layout, and the (cols, rows, stage) view of a
+// (rows, cols, stage) one: the same bytes, for operands a product needs transposed.
+template <typename Layout, int kRows, int kCols>
+using Transposed = decltype(cute::composition(
+    Layout{}, cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
+template <typename Layout, int kRows, int kCols, int kStages>
+using TransposedStages = decltype(cute::composition(
+    Layout{}, cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>, cute::Int<kStages>>{},
+                                cute::Stride<cute::Int<kRows>, cute::_1, cute::Int<kRows * kCols>>{})));
 
 template <typename Element>
 struct BwdMmaOp;
@@ -74,13 +85,8 @@ struct BwdTraits {
     using SmemLayoutKV =
         decltype(cute::tile_to_shape(SmemAtomRows{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
     // Transposed views (kHeadDim, rows): the same bytes, read with ldmatrix.trans.
-    using SmemLayoutQt = decltype(cute::composition(
-        SmemLayoutQ{},
-        cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockM>, cute::Int<kStages>>{},
-                          cute::Stride<cute::Int<kBlockM>, cute::_1, cute::Int<kBlockM * kHeadDim>>{})));
-    using SmemLayoutKt = decltype(cute::composition(
-        SmemLayoutKV{},
-        cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
+    using SmemLayoutQt = TransposedStages<SmemLayoutQ, kBlockM, kHeadDim, kStages>;
+    using SmemLayoutKt = Transposed<SmemLayoutKV, kBlockN, kHeadDim>;
 
     // P and dS tiles (kBlockM, kBlockN), keys contiguous; the transposed view is (kBlockN, kBlockM).
     static constexpr int kAtomColsPdS = kBlockN % 64 == 0 ? 64 : 32;
@@ -89,9 +95,7 @@ struct BwdTraits {
         cute::Layout<cute::Shape<cute::_8, cute::Int<kAtomColsPdS>>, cute::Stride<cute::Int<kAtomColsPdS>, cute::_1>>{}));
     using SmemLayoutPdS =
         decltype(cute::tile_to_shape(SmemAtomPdS{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>>{}));
-    using SmemLayoutPdSt = decltype(cute::composition(
-        SmemLayoutPdS{},
-        cute::make_layout(cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockM>>{}, cute::GenRowMajor{})));
+    using SmemLayoutPdSt = Transposed<SmemLayoutPdS, kBlockM, kBlockN>;
 
     // Shared memory -> registers: ldmatrix for operands stored K-major, ldmatrix.trans for the rest.
     using SmemCopyAtom = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;

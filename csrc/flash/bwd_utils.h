@@ -10,17 +10,51 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "gemm_smem.h"
 
 namespace ring_attn {
 namespace bwd {
 
-// An m16n8 accumulator fragment ((2 cols, 2 rows), MMA_M, MMA_N) viewed as
-// (rows = (2, MMA_M), cols = (2, MMA_N)), so row-wise quantities index it directly.
+// A warpgroup MMA (wgmma) accumulator fragment ((2 cols, 2 rows, N / 8), MMA_M, MMA_N) holds, per
+// warp, what N / 8 m16n8 fragments side by side would: as_m16n8 views its layout in the m16n8 form
+// ((2 cols, 2 rows), MMA_M, (N / 8, MMA_N)), so the helpers below serve both. An m16n8 layout, or a
+// tensor with one, is returned as it is.
 template <typename Layout>
-__device__ __forceinline__ auto accumulator_rows_cols(const Layout& acc) {
+__device__ __forceinline__ constexpr bool is_gmma_fragment() {
     using namespace cute;
+    if constexpr (is_layout<Layout>::value) {
+        return decltype(rank<0>(std::declval<Layout>()))::value == 3;
+    } else {
+        return false;
+    }
+}
+template <typename Layout, std::enable_if_t<cute::is_layout<Layout>::value, int> = 0>
+__device__ __forceinline__ auto as_m16n8(const Layout& layout) {
+    using namespace cute;
+    if constexpr (is_gmma_fragment<Layout>()) {
+        return make_layout(make_layout(get<0, 0>(layout), get<0, 1>(layout)), get<1>(layout),
+                           make_layout(get<0, 2>(layout), get<2>(layout)));
+    } else {
+        return layout;
+    }
+}
+template <typename T, std::enable_if_t<cute::is_tensor<std::decay_t<T>>::value, int> = 0>
+__device__ __forceinline__ decltype(auto) as_m16n8(T&& tensor) {
+    if constexpr (is_gmma_fragment<std::decay_t<decltype(tensor.layout())>>()) {
+        return cute::make_tensor(tensor.data(), as_m16n8(tensor.layout()));
+    } else {
+        return std::forward<T>(tensor);
+    }
+}
+
+// An m16n8 accumulator fragment ((2 cols, 2 rows), MMA_M, MMA_N) (or a wgmma one, through as_m16n8)
+// viewed as (rows = (2, MMA_M), cols = (2, MMA_N)), so row-wise quantities index it directly.
+template <typename Layout>
+__device__ __forceinline__ auto accumulator_rows_cols(const Layout& layout) {
+    using namespace cute;
+    const auto acc = as_m16n8(layout);
     static_assert(decltype(rank(acc))::value == 3);
     static_assert(decltype(size<0>(acc))::value == 4);
     auto split = logical_divide(acc, Shape<_2>{});  // ((2, 2), MMA_M, MMA_N)
@@ -155,17 +189,20 @@ __device__ __forceinline__ void add_fragment_impl(const Acc& acc, Dst& dst, cons
 template <FragmentOp kOp, int kTileRows, typename Acc, typename Dst, typename Coord>
 __device__ __forceinline__ void add_fragment(const Acc& acc, Dst&& dst, const Coord& coord, int rows,
                                              bool pair_aligned, bool overwrite = false) {
+    auto&& dst_pairs = as_m16n8(dst);
     if (pair_aligned && rows >= kTileRows) {
-        add_fragment_impl<kOp, true, true>(acc, dst, coord, rows, overwrite);
+        add_fragment_impl<kOp, true, true>(as_m16n8(acc), dst_pairs, as_m16n8(coord), rows, overwrite);
     } else {
-        add_fragment_impl<kOp, false, false>(acc, dst, coord, rows, overwrite);
+        add_fragment_impl<kOp, false, false>(as_m16n8(acc), dst_pairs, as_m16n8(coord), rows, overwrite);
     }
 }
 
 // Writes an fp32 m16n8 accumulator fragment into shared memory (`dst`: the same tile partitioned
 // like the accumulator), one 8-byte store per pair of adjacent columns.
 template <typename Acc, typename Dst>
-__device__ __forceinline__ void store_fragment_smem(const Acc& acc, Dst&& dst) {
+__device__ __forceinline__ void store_fragment_smem(const Acc& fragment, Dst&& destination) {
+    auto&& acc = as_m16n8(fragment);
+    auto&& dst = as_m16n8(destination);
     for_each_pair(acc, [&](int, const auto& first, const auto& second) {
         *reinterpret_cast<float2*>(&dst(first)) = make_float2(acc(first), acc(second));
     });
@@ -195,8 +232,9 @@ __device__ __forceinline__ void commit_bulk_group() {
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 #endif
 }
-// Makes this thread's earlier generic-proxy writes to shared memory visible to the TMA.
-__device__ __forceinline__ void fence_shared_for_bulk_copies() {
+// Makes this thread's earlier generic-proxy writes to shared memory (cp.async included) visible to
+// the async proxy: the TMA and wgmma.
+__device__ __forceinline__ void fence_shared_for_async_proxy() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif

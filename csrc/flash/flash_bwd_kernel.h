@@ -10,6 +10,8 @@
 // caller's fp32 dk_accum / dv_accum (plain read-add-write when it owns the tile, atomics under GQA),
 // or, without GQA, writes them: in fp32 over dk_accum / dv_accum (dkv_overwrite, a ring step's first
 // call on those key rows) or, for a plain backward, in the input dtype to dk_out / dv_out.
+// This file's body multiplies with mma.sync (every head dim on Ampere; d 32, 96 and 256 on Hopper);
+// flash_bwd_gmma.h's, with the same steps (bwd_block_steps.h), with wgmma (d 64 and 128 on Hopper).
 //
 // Math, with S the unscaled scores and scale = softmax_scale:
 //   P  = exp(scale * S - lse) = exp2(S * scale * log2(e) - lse * log2(e))
@@ -24,86 +26,17 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bwd_block_steps.h"
 #include "bwd_cta_order.h"
 #include "bwd_traits.h"
 #include "bwd_utils.h"
 #include "dq_tensor_map.h"
+#include "flash_bwd_gmma.h"
 #include "flash_params.h"
-#include "mask.h"
 #include "packed_sequences.h"
 
 namespace ring_attn {
 namespace bwd {
-
-// Copies a tile's rows from global to shared memory with cp.async; rows at or past `rows` are
-// zero-filled instead (they would otherwise hold stale data that turns 0 * x into NaN), or, without
-// kZeroFill, left alone: for loads whose rows the caller knows all exist, where the fill would only
-// cost issued (predicated-off) stores, four per 16-byte chunk.
-template <bool kZeroFill = true, typename TiledCopy, typename Src, typename Dst, typename Coord>
-__device__ __forceinline__ void load_rows(const TiledCopy& tiled_copy, const Src& src, Dst&& dst, const Coord& coord,
-                                          int rows) {
-    using namespace cute;
-    CUTE_UNROLL
-    for (int m = 0; m < size<1>(src); ++m) {
-        if (get<0>(coord(0, m, 0)) < rows) {
-            copy(tiled_copy, src(_, m, _), dst(_, m, _));
-        } else if constexpr (kZeroFill) {
-            clear(dst(_, m, _));
-        }
-    }
-}
-
-// A register-fragment-sized tensor of a given shape: partition_fragment_* needs only the shape.
-template <typename Element, typename Shape>
-__device__ __forceinline__ auto shape_only(const Shape& shape) {
-    return cute::make_tensor(cute::make_smem_ptr(static_cast<Element*>(nullptr)), cute::make_layout(shape));
-}
-
-// Zeroes `rows` rows of kHeadDim elements (16-byte aligned, row_stride apart) starting `offset`
-// elements into `base`, 16 bytes per thread and store.
-template <typename Element, int kHeadDim>
-__device__ __forceinline__ void zero_rows(void* base, int64_t offset, int64_t row_stride, int rows) {
-    constexpr int kChunksPerRow = kHeadDim * int(sizeof(Element)) / 16;
-    Element* start = static_cast<Element*>(base) + offset;
-    for (int chunk = threadIdx.x; chunk < rows * kChunksPerRow; chunk += blockDim.x) {
-        const int row = chunk / kChunksPerRow, col = chunk % kChunksPerRow;
-        reinterpret_cast<uint4*>(start + row * row_stride)[col] = make_uint4(0, 0, 0, 0);
-    }
-}
-
-// Zeroes `rows` fp32 rows of kHeadDim elements, row_stride apart, from `start`: one float per store,
-// since an accumulator view need not be 16-byte aligned (this runs only for key blocks that no
-// query sees).
-template <int kHeadDim>
-__device__ __forceinline__ void zero_rows_fp32(float* start, int64_t row_stride, int rows) {
-    for (int i = threadIdx.x; i < rows * kHeadDim; i += blockDim.x) {
-        start[(i / kHeadDim) * row_stride + i % kHeadDim] = 0.0f;
-    }
-}
-
-// dQ staging (Traits::kStageDq, Hopper): after a query block's dQ = dS K, every thread stores its
-// fragment into the fp32 staging tile and fences the stores for the TMA; after the next barrier
-// thread 0 issues one bulk tensor reduction per 8-column slice into dq_accum (rows past seqlen_q
-// fall outside the descriptor's tensor and are skipped; in a varlen launch, whose descriptor spans all
-// sequences, they are the next sequence's rows and receive exact zeros, since P and dS are 0 in rows
-// past seqlen_q), and before the tile is rewritten, a block later, waits until the TMA has read it.
-// The barrier that already separates two query blocks orders the stores before the reductions, so
-// staging adds none; the adds leave the SM as a few TMA requests instead of 16 atomics per thread (no
-// LSU throttling of the warps).
-// map_row0: where row 0 of this CTA's queries sits in the descriptor (a varlen sequence's first
-// packed row; 0 otherwise).
-template <typename Traits>
-__device__ __forceinline__ void reduce_staged_dq(const CUtensorMap& dq_map, const float* smem_dq, int first_row,
-                                                 int map_row0, int head, int batch) {
-    if (threadIdx.x == 0 && first_row >= 0) {
-        CUTE_UNROLL
-        for (int slice = 0; slice < Traits::kHeadDim / kDqSliceCols; ++slice) {
-            tma_reduce_add_4d(&dq_map, smem_dq + slice * Traits::kBlockM * kDqSliceCols, slice * kDqSliceCols,
-                              map_row0 + first_row, head, batch);
-        }
-        commit_bulk_group();
-    }
-}
 
 // kKeysTail: the key block may end past seqlen_k, so P needs its columns masked (kIsMasked kernels
 // pass true and test the block's width themselves: a key tail masks every block of their walk).
@@ -124,51 +57,24 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
     static_assert(!kStageDq || Traits::kStageDq, "staging dQ needs the traits' shared-memory tile");
 
+    // (This setup's locals and their order are the ones under which ptxas allocated the hot loop
+    // best: other arrangements of the same code cost up to 25 instructions per query block at d 96,
+    // by scripts/sass_loop_stats.py.)
     const int tid = threadIdx.x;
-    const int n_block = tile.n_block;
     const int batch = tile.batch;
     const int head = tile.head;
-    const int head_kv = head / (params.heads / params.heads_kv);
-    const int key_begin = n_block * kBlockN;
-    const int keys_in_block = min(kBlockN, params.seqlen_k - key_begin);
-    // Where this CTA's dK and dV rows start in their destination (accumulators or outputs).
-    const int64_t dk_offset = batch * params.dk_batch_stride + head_kv * params.dk_head_stride +
-                              int64_t(key_begin) * params.dk_row_stride;
-    const int64_t dv_offset = batch * params.dv_batch_stride + head_kv * params.dv_head_stride +
-                              int64_t(key_begin) * params.dv_row_stride;
-
-    const QueryRange queries = visible_queries<kIsMasked>(params, key_begin, key_begin + keys_in_block);
-    if (queries.begin >= queries.end) {
-        // No query sees these keys: nothing to add, but written outputs must hold zeros.
-        if (params.dk_out != nullptr) {
-            zero_rows<Element, kHeadDim>(params.dk_out, dk_offset, params.dk_row_stride, keys_in_block);
-            zero_rows<Element, kHeadDim>(params.dv_out, dv_offset, params.dv_row_stride, keys_in_block);
-        } else if (params.dkv_overwrite) {
-            zero_rows_fp32<kHeadDim>(params.dk_accum + dk_offset, params.dk_row_stride, keys_in_block);
-            zero_rows_fp32<kHeadDim>(params.dv_accum + dv_offset, params.dv_row_stride, keys_in_block);
-        }
-        return;
-    }
-    const int m_block_first = queries.begin / kBlockM;
-    const int m_block_last = (queries.end - 1) / kBlockM;
+    const KeyBlock block = locate_key_block<kBlockM, kBlockN, kIsMasked>(params, tile);
+    if (block.m_block_first > block.m_block_last) return zero_unseen_key_block<Element, kHeadDim>(params, block);
+    const int m_block_first = block.m_block_first;
+    const int m_block_last = block.m_block_last;
 
     // Global memory. Row strides are runtime values, the head dim is contiguous.
-    Tensor mQ = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
-                                          head * params.q_head_stride),
-                            make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.q_row_stride, _1{}));
-    Tensor mdO = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.dout) +
-                                           batch * params.do_batch_stride + head * params.do_head_stride),
-                             make_shape(params.seqlen_q, Int<kHeadDim>{}), make_stride(params.do_row_stride, _1{}));
-    Tensor mK = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
-                                          head_kv * params.k_head_stride),
-                            make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.k_row_stride, _1{}));
-    Tensor mV = make_tensor(make_gmem_ptr(static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
-                                          head_kv * params.v_head_stride),
-                            make_shape(params.seqlen_k, Int<kHeadDim>{}), make_stride(params.v_row_stride, _1{}));
+    Tensor mQ = head_rows<Traits>(params.q, batch * params.q_batch_stride + head * params.q_head_stride,
+                                  params.seqlen_q, params.q_row_stride);
+    Tensor mdO = head_rows<Traits>(params.dout, batch * params.do_batch_stride + head * params.do_head_stride,
+                                   params.seqlen_q, params.do_row_stride);
     Tensor gQ = local_tile(mQ, TileQ{}, make_coord(_, _0{}));    // (kBlockM, kHeadDim, m_blocks)
     Tensor gdO = local_tile(mdO, TileQ{}, make_coord(_, _0{}));  // (kBlockM, kHeadDim, m_blocks)
-    Tensor gK = local_tile(mK, TileKV{}, make_coord(n_block, _0{}));  // (kBlockN, kHeadDim)
-    Tensor gV = local_tile(mV, TileKV{}, make_coord(n_block, _0{}));  // (kBlockN, kHeadDim)
     const float* lse = params.lse + batch * params.lse_batch_stride + head * params.lse_head_stride;
     const float* delta = params.delta + batch * params.delta_batch_stride + head * params.delta_head_stride;
     float* dq_accum = params.dq_accum + batch * params.dq_batch_stride + head * params.dq_head_stride;
@@ -194,19 +100,15 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     float* smem_dq = reinterpret_cast<float*>(smem_raw + Traits::kSmemOperandBytes);
     Tensor sdQ = make_tensor(make_smem_ptr(smem_dq), typename Traits::SmemLayoutDq{});  // (kBlockM, kHeadDim)
 
-    // Global -> shared copies, with the row coordinate of each copied chunk for the tail predicate.
+    // Global -> shared copies of the query blocks, with the row coordinate of each copied chunk for the
+    // tail predicate.
     typename Traits::GmemTiledCopy gmem_copy;
     auto gmem_thr = gmem_copy.get_thread_slice(tid);
     Tensor tQgQ = gmem_thr.partition_S(gQ);     // (CPY, CPY_M, CPY_K, m_blocks)
     Tensor tQsQ = gmem_thr.partition_D(sQ);     // (CPY, CPY_M, CPY_K, kStages)
     Tensor tdOgdO = gmem_thr.partition_S(gdO);
     Tensor tdOsdO = gmem_thr.partition_D(sdO);
-    Tensor tKgK = gmem_thr.partition_S(gK);     // (CPY, CPY_N, CPY_K)
-    Tensor tKsK = gmem_thr.partition_D(sK);
-    Tensor tVgV = gmem_thr.partition_S(gV);
-    Tensor tVsV = gmem_thr.partition_D(sV);
     Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(TileQ{}));
-    Tensor tKcK = gmem_thr.partition_S(make_identity_tensor(TileKV{}));
 
     // The five products: their thread slices, register fragments and ldmatrix partitions.
     typename Traits::TiledMmaSdP mma_sdp;
@@ -265,8 +167,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     clear(acc_dv);
 
     // Prologue: this CTA's K and V, then the first (last in order) query block.
-    load_rows(gmem_copy, tKgK, tKsK, tKcK, keys_in_block);
-    load_rows(gmem_copy, tVgV, tVsV, tKcK, keys_in_block);
+    load_key_block<Traits>(params, tile, block, sK, sV);
     const int first_rows = params.seqlen_q - m_block_last * kBlockM;
     load_rows(gmem_copy, tQgQ(_, _, _, m_block_last), tQsQ(_, _, _, 0), tQcQ, first_rows);
     load_rows(gmem_copy, tdOgdO(_, _, _, m_block_last), tdOsdO(_, _, _, 0), tQcQ, first_rows);
@@ -279,8 +180,6 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         copy(copy_b_sdp, tdPsV, make_tensor(tdPrV.data(), decltype(copy_b_sdp)::retile(tdPrV.layout())));
     }
 
-    const float scale = params.softmax_scale;
-    const float scale_log2 = params.softmax_scale_log2;
     int stage = 0;
 
     // One query block: dV, dK and this block's dQ share. mask_step (a std::bool_constant): whether
@@ -295,14 +194,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         // exactly 0.
         float lse_log2[kRows];
         float scaled_delta[kRows];
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-            const int row = query_begin + get<0>(tScS_rc(r, 0));
-            const bool valid = row < params.seqlen_q;
-            const float l = valid ? lse[row] : -INFINITY;
-            lse_log2[r] = l == -INFINITY ? INFINITY : l * float(M_LOG2E);
-            scaled_delta[r] = valid ? delta[row] * scale : 0.f;
-        }
+        load_row_statistics(params, lse, delta, query_begin, tScS_rc, lse_log2, scaled_delta);
 
         cute::cp_async_wait<0>();
         __syncthreads();  // this block's Q/dO (and K/V) have landed; every warp is done with the last block
@@ -327,28 +219,8 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         clear(acc_s);
         gemm_smem(mma_sdp, acc_s, tSrQ, tSrK, tSsQ(_, _, _, stage), tSsK, copy_a_sdp, copy_b_sdp);
         Tensor p = make_tensor(acc_s.data(), accumulator_rows_cols(acc_s.layout()));  // (rows, cols)
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-            CUTE_UNROLL
-            for (int c = 0; c < size<1>(p); ++c) p(r, c) = exp2f(p(r, c) * scale_log2 - lse_log2[r]);
-        }
-        if constexpr (decltype(mask_step)::value) {
-            CUTE_UNROLL
-            for (int r = 0; r < kRows; ++r) {
-                const int row = query_begin + get<0>(tScS_rc(r, 0));
-                CUTE_UNROLL
-                for (int c = 0; c < size<1>(p); ++c) {
-                    const int col = get<1>(tScS_rc(r, c));
-                    bool visible = col < keys_in_block;
-                    if constexpr (kIsMasked) {
-                        const int offset = key_begin + col - row;
-                        visible = visible && offset >= params.mask.key_offset_min &&
-                                  offset <= params.mask.key_offset_max;
-                    }
-                    if (!visible) p(r, c) = 0.f;
-                }
-            }
-        }
+        scores_to_probabilities<decltype(mask_step)::value, kIsMasked>(params, p, tScS_rc, lse_log2, query_begin,
+                                                                        block);
         // From here on P lives only as 16-bit values (registers and smem): half the registers of the
         // fp32 accumulator, which the dP product below needs. dS uses the same rounded P as dV.
         Tensor rP = convert_fragment<Element>(acc_s);
@@ -362,22 +234,9 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         } else {
             gemm_smem(mma_sdp, acc_dp, tdPrdO, tdPrV, tdPsdO(_, _, _, stage), tdPsV, copy_a_sdp, copy_b_sdp);
         }
-        // P is read back from its 16-bit copy as pairs of adjacent columns, one 32-bit register each
-        // (for bf16 two bit operations per pair; element by element the SASS took about three).
         Tensor ds = make_tensor(acc_dp.data(), accumulator_rows_cols(acc_dp.layout()));
-        Tensor p16 = make_tensor(rP.data(), accumulator_rows_cols(rP.layout()));
-        static_assert(decltype(shape<1, 0>(p16.layout()))::value == 2 &&
-                          decltype(stride<1, 0>(p16.layout()))::value == 1,
-                      "columns 2j and 2j + 1 of a row are adjacent in the register fragment");
-        CUTE_UNROLL
-        for (int r = 0; r < kRows; ++r) {
-            CUTE_UNROLL
-            for (int c = 0; c < size<1>(ds); c += 2) {
-                const float2 p_pair = unpack_pair(&p16(r, c));
-                ds(r, c) = p_pair.x * (ds(r, c) * scale - scaled_delta[r]);
-                ds(r, c + 1) = p_pair.y * (ds(r, c + 1) * scale - scaled_delta[r]);
-            }
-        }
+        probability_grads_to_score_grads(ds, make_tensor(rP.data(), accumulator_rows_cols(rP.layout())),
+                                         params.softmax_scale, scaled_delta);
         Tensor rdS = convert_fragment<Element>(acc_dp);
         copy(rdS, tdSsdS);
         // The last block's dQ reduction must have read the staging tile before it is rewritten below.
@@ -400,7 +259,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         gemm_smem(mma_dq, acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, copy_a_dq, copy_b_dq);
         if constexpr (kStageDq) {
             store_fragment_smem(acc_dq, tdQsdQ);
-            fence_shared_for_bulk_copies();
+            fence_shared_for_async_proxy();
             staged_dq_row = query_begin;
         } else {
             Tensor gdQ = make_tensor(make_gmem_ptr(dq_accum + int64_t(query_begin) * params.dq_row_stride),
@@ -422,27 +281,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         }
     };
 
-    int m_block = m_block_last;
-    if constexpr (!kIsMasked) {
-        // Without a band, a key tail masks every block and an interior key block none.
-        CUTE_NO_UNROLL
-        for (; m_block >= m_block_first; --m_block) process_query_block(cute::bool_constant<kKeysTail>{}, m_block);
-    } else {
-        // The blocks that need masking sit at the two ends of the walk (the band's lower edge, i.e. a
-        // window, cuts high query blocks; its upper edge, i.e. a causal diagonal, low ones; a key
-        // tail cuts all), so it runs in three loops as the forward does: the hot middle one carries
-        // neither mask code nor a branch around it.
-        const flash::BlockRange unmasked =
-            keys_in_block < kBlockN ? flash::BlockRange{m_block_first, m_block_first}
-                                    : flash::unmasked_query_blocks<kBlockM, kBlockN>(
-                                          key_begin, params.mask, {m_block_first, m_block_last + 1});
-        CUTE_NO_UNROLL
-        for (; m_block >= unmasked.end; --m_block) process_query_block(cute::true_type{}, m_block);
-        CUTE_NO_UNROLL
-        for (; m_block >= unmasked.begin; --m_block) process_query_block(cute::false_type{}, m_block);
-        CUTE_NO_UNROLL
-        for (; m_block >= m_block_first; --m_block) process_query_block(cute::true_type{}, m_block);
-    }
+    walk_query_blocks<kBlockM, kBlockN, kIsMasked, kKeysTail>(params, block, process_query_block);
 
     if constexpr (kStageDq) {
         __syncthreads();  // the last block's staged dQ is complete
@@ -450,62 +289,7 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         if (tid == 0) wait_bulk_done();
     }
 
-    // Epilogue: dK and dV of kv head `head_kv`, written in the input dtype, or written over or added
-    // into the caller's fp32 accumulators. With GQA several query heads (CTAs) add into the same
-    // tile, so the adds must be atomic then.
-    Tensor tdKVcdKV = thr_dkv.partition_C(make_identity_tensor(TileKV{}));
-    if (params.dk_out != nullptr) {
-        // The tiles go through shared memory (the Q and dO buffers, free once every warp is past the
-        // loop) so that global memory sees 16-byte stores of whole row segments instead of the
-        // fragments' 4-byte pairs.
-        static_assert(2 * Traits::kSizeKV <= 2 * Traits::kSizeQ, "dK and dV fit in the Q and dO buffers");
-        Tensor sdK = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutKV{});
-        Tensor sdV = make_tensor(make_smem_ptr(smem_q + Traits::kSizeKV), typename Traits::SmemLayoutKV{});
-        Tensor rdK = convert_fragment<Element>(acc_dk);
-        Tensor rdV = convert_fragment<Element>(acc_dv);
-        __syncthreads();  // every warp is done reading Q and dO
-        copy(rdK, thr_dkv.partition_C(sdK));
-        copy(rdV, thr_dkv.partition_C(sdV));
-        __syncthreads();
-        Tensor gdK = make_tensor(make_gmem_ptr(static_cast<Element*>(params.dk_out) + dk_offset), TileKV{},
-                                 make_stride(params.dk_row_stride, _1{}));
-        Tensor gdV = make_tensor(make_gmem_ptr(static_cast<Element*>(params.dv_out) + dv_offset), TileKV{},
-                                 make_stride(params.dv_row_stride, _1{}));
-        typename Traits::GmemTiledStore gmem_store;
-        auto store_thr = gmem_store.get_thread_slice(tid);
-        Tensor tsdK = store_thr.partition_S(sdK);
-        Tensor tgdK = store_thr.partition_D(gdK);
-        Tensor tsdV = store_thr.partition_S(sdV);
-        Tensor tgdV = store_thr.partition_D(gdV);
-        Tensor tcKV = store_thr.partition_D(make_identity_tensor(TileKV{}));
-        CUTE_UNROLL
-        for (int m = 0; m < size<1>(tsdK); ++m) {
-            if (get<0>(tcKV(0, m, 0)) < keys_in_block) {
-                copy(gmem_store, tsdK(_, m, _), tgdK(_, m, _));
-                copy(gmem_store, tsdV(_, m, _), tgdV(_, m, _));
-            }
-        }
-        return;
-    }
-    Tensor gdK = make_tensor(make_gmem_ptr(params.dk_accum + dk_offset), TileKV{},
-                             make_stride(params.dk_row_stride, _1{}));
-    Tensor gdV = make_tensor(make_gmem_ptr(params.dv_accum + dv_offset), TileKV{},
-                             make_stride(params.dv_row_stride, _1{}));
-    const bool dk_aligned = pairs_aligned(params.dk_accum, params.dk_batch_stride, params.dk_row_stride,
-                                          params.dk_head_stride);
-    const bool dv_aligned = pairs_aligned(params.dv_accum, params.dv_batch_stride, params.dv_row_stride,
-                                          params.dv_head_stride);
-    if (params.heads != params.heads_kv) {
-        add_fragment<FragmentOp::kAtomicAdd, kBlockN>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block,
-                                                      dk_aligned);
-        add_fragment<FragmentOp::kAtomicAdd, kBlockN>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block,
-                                                      dv_aligned);
-    } else {
-        add_fragment<FragmentOp::kAdd, kBlockN>(acc_dk, thr_dkv.partition_C(gdK), tdKVcdKV, keys_in_block,
-                                                dk_aligned, params.dkv_overwrite);
-        add_fragment<FragmentOp::kAdd, kBlockN>(acc_dv, thr_dkv.partition_C(gdV), tdKVcdKV, keys_in_block,
-                                                dv_aligned, params.dkv_overwrite);
-    }
+    write_dk_dv<Traits>(params, block, thr_dkv, acc_dk, acc_dv, smem_q);
 }
 
 // Kernels without a band run CTAs whose key block lies wholly inside seqlen_k (all but at most the
@@ -519,12 +303,23 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
 // got wrong dQ, dK and dV, and compute-sanitizer's racecheck showed one lane's ldmatrix of dS
 // reading past the dS tile into the staging tile. The cause was not found in the source (the
 // interior copy and the d128 build, staged the same way, are correct and race-free).
+// On Hopper, configs that kBwdUsesGmma admits (d 64 and 128) run every CTA through the wgmma body
+// (flash_bwd_gmma.h) instead, split the same way.
 template <typename Traits, bool kIsMasked>
 __device__ __forceinline__ void compute_key_block(const BwdParams& params, const CUtensorMap& dq_map, char* smem_raw,
                                                   const CtaTile& tile, int dq_map_row0) {
-    if constexpr (kIsMasked) {
+    const bool interior = (tile.n_block + 1) * Traits::kBlockN <= params.seqlen_k;
+    if constexpr (kBwdUsesGmma<Traits> && kIsMasked) {
+        compute_dq_dk_dv_gmma<Traits, true, true>(params, dq_map, smem_raw, tile, dq_map_row0);
+    } else if constexpr (kBwdUsesGmma<Traits>) {
+        if (interior) {
+            compute_dq_dk_dv_gmma<Traits, false, false>(params, dq_map, smem_raw, tile, dq_map_row0);
+        } else {
+            compute_dq_dk_dv_gmma<Traits, false, true>(params, dq_map, smem_raw, tile, dq_map_row0);
+        }
+    } else if constexpr (kIsMasked) {
         compute_dq_dk_dv<Traits, true, true, Traits::kStageDq>(params, dq_map, smem_raw, tile, dq_map_row0);
-    } else if ((tile.n_block + 1) * Traits::kBlockN <= params.seqlen_k) {
+    } else if (interior) {
         compute_dq_dk_dv<Traits, false, false, Traits::kStageDq>(params, dq_map, smem_raw, tile, dq_map_row0);
     } else {
         compute_dq_dk_dv<Traits, false, true, false>(params, dq_map, smem_raw, tile, dq_map_row0);
@@ -553,7 +348,7 @@ template <typename TraitsSm90, typename TraitsSm80, bool kIsMasked, bwd::CtaOrde
 __global__ void __launch_bounds__(TraitsSm90::kThreads, 1) flash_bwd_kernel(const __grid_constant__ BwdParams params,
                                                                        const __grid_constant__ CUtensorMap dq_map) {
     static_assert(TraitsSm90::kThreads == TraitsSm80::kThreads && TraitsSm90::kBlockN == TraitsSm80::kBlockN);
-    extern __shared__ __align__(128) char smem[];  // 128: TMA boxes
+    extern __shared__ __align__(1024) char smem[];  // 128: TMA boxes; 1024: the wgmma swizzle (bwd_gmma_traits.h)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     bwd::compute_key_block<TraitsSm90, kIsMasked>(params, dq_map, smem, bwd::cta_tile<kOrder>(), 0);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -566,7 +361,7 @@ __global__ void __launch_bounds__(TraitsSm90::kThreads, 1) flash_bwd_kernel(cons
 template <typename TraitsSm90, typename TraitsSm80, bool kIsMasked>
 __global__ void __launch_bounds__(TraitsSm90::kThreads, 1)
     flash_bwd_packed_kernel(const __grid_constant__ BwdParams params, const __grid_constant__ CUtensorMap dq_map) {
-    extern __shared__ __align__(128) char smem[];
+    extern __shared__ __align__(1024) char smem[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     bwd::compute_packed_key_block<TraitsSm90, kIsMasked>(params, dq_map, smem);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

@@ -17,8 +17,10 @@
 namespace ring_attn {
 
 // Tiles follow FlashAttention-2's choices for H100/A100 backward (8 warps; Q and dO double-buffered
-// so the next query block loads during this one). Shared memory for the operands: d32 112 KB,
-// d64 160 KB, d96 128 KB, d128 160 KB, d256 208 KB; A100 allows 163 KB per block, so d256 there
+// so the next query block loads during this one). On Hopper, d 64 and 128 run these tiles through
+// the wgmma body (bwd_gmma_traits.h): on H100, bf16 and fp16, s 1k-16k, 1.16-1.48x FlashAttention-2's
+// backward, where the mma.sync body of the same tiles was level with it (0.99-1.07x).
+// Shared memory for the operands: d32 112 KB, d64 160 KB, d96 128 KB, d128 160 KB, d256 208 KB; A100 allows 163 KB per block, so d256 there
 // keeps a single Q/dO buffer (144 KB).
 // dQ staging (the "stage dQ" BwdTraits argument) is on for d32-d128 on Hopper, where it adds an fp32
 // kBlockM x d tile (16-32 KB; none fits beside d256's operands). Measured on H100 (s 1k-16k) against
