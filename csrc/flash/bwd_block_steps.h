@@ -36,12 +36,6 @@ __device__ __forceinline__ void load_rows(const TiledCopy& tiled_copy, const Src
     }
 }
 
-// A register-fragment-sized tensor of a given shape: partition_fragment_* needs only the shape.
-template <typename Element, typename Shape>
-__device__ __forceinline__ auto shape_only(const Shape& shape) {
-    return cute::make_tensor(cute::make_smem_ptr(static_cast<Element*>(nullptr)), cute::make_layout(shape));
-}
-
 // Zeroes `rows` rows of kHeadDim elements (16-byte aligned, row_stride apart) starting `offset`
 // elements into `base`, 16 bytes per thread and store.
 template <typename Element, int kHeadDim>

@@ -23,12 +23,7 @@ namespace bwd {
 // tensor with one, is returned as it is.
 template <typename Layout>
 __device__ __forceinline__ constexpr bool is_gmma_fragment() {
-    using namespace cute;
-    if constexpr (is_layout<Layout>::value) {
-        return decltype(rank<0>(std::declval<Layout>()))::value == 3;
-    } else {
-        return false;
-    }
+    return decltype(cute::rank<0>(std::declval<Layout>()))::value == 3;
 }
 template <typename Layout, std::enable_if_t<cute::is_layout<Layout>::value, int> = 0>
 __device__ __forceinline__ auto as_m16n8(const Layout& layout) {

@@ -38,6 +38,12 @@
 namespace ring_attn {
 namespace bwd {
 
+// A register-fragment-sized tensor of a given shape: partition_fragment_* needs only the shape.
+template <typename Element, typename Shape>
+__device__ __forceinline__ auto shape_only(const Shape& shape) {
+    return cute::make_tensor(cute::make_smem_ptr(static_cast<Element*>(nullptr)), cute::make_layout(shape));
+}
+
 // kKeysTail: the key block may end past seqlen_k, so P needs its columns masked (kIsMasked kernels
 // pass true and test the block's width themselves: a key tail masks every block of their walk).
 // kStageDq: dQ leaves through the staging tile and the TMA (needs Traits::kStageDq, which sizes
@@ -101,7 +107,8 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
     Tensor sdQ = make_tensor(make_smem_ptr(smem_dq), typename Traits::SmemLayoutDq{});  // (kBlockM, kHeadDim)
 
     // Global -> shared copies of the query blocks, with the row coordinate of each copied chunk for the
-    // tail predicate.
+    // tail predicate. (Written out rather than through query_block_copies, as the wgmma body does: that
+    // helper changed ptxas's register allocation of this body, 252 instead of 255 registers at d 96.)
     typename Traits::GmemTiledCopy gmem_copy;
     auto gmem_thr = gmem_copy.get_thread_slice(tid);
     Tensor tQgQ = gmem_thr.partition_S(gQ);     // (CPY, CPY_M, CPY_K, m_blocks)
@@ -189,9 +196,6 @@ __device__ __forceinline__ void compute_dq_dk_dv(const BwdParams& params, const 
         const int query_begin = m_block * kBlockM;
         const int rows_in_block = min(kBlockM, params.seqlen_q - query_begin);
 
-        // This thread's rows of lse (as a base-2 exponent offset) and scale * delta. Rows past
-        // seqlen_q and rows with lse = -inf (they see no key at all) get +inf, which makes their P
-        // exactly 0.
         float lse_log2[kRows];
         float scaled_delta[kRows];
         load_row_statistics(params, lse, delta, query_begin, tScS_rc, lse_log2, scaled_delta);
